@@ -1,0 +1,90 @@
+"""Raw per-chain AF2 features (AF2 Suppl. 1.2.9): the deterministic part of featurisation.
+
+:func:`build_record` turns a parsed chain, its MSA and its template features into the arrays of the record
+schema (docs/design.md) plus JSON metadata; ``foldforge prepare`` writes them to the cache once, and the
+random training transforms (``transforms.py``) run per sample on top.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from foldforge.data import residue_constants as rc
+from foldforge.data.mmcif import ProteinChain, Structure
+from foldforge.data.msa import MSA
+from foldforge.data.targets import make_targets
+
+
+class FeatureError(ValueError):
+    """Inputs of one chain that do not fit together (e.g. an MSA built for another sequence)."""
+
+
+def single_sequence_msa(sequence: str) -> MSA:
+    """Single-sequence mode: the query is the only MSA row."""
+    aatype = rc.sequence_to_aatype(sequence)[None]
+    return MSA(aatype=aatype, deletions=np.zeros(aatype.shape, np.uint16), descriptions=["query"])
+
+
+def check_msa_matches(chain_seq: str, msa: MSA, *, source: str, max_mismatch: float = 0.1) -> None:
+    """The MSA query row must be the chain's sequence (unknown 'X' on either side matches anything)."""
+    query = msa.aatype[0]
+    if len(query) != len(chain_seq):
+        raise FeatureError(f"{source}: MSA query has {len(query)} residues but the chain sequence has "
+                           f"{len(chain_seq)}; the alignment was built for another sequence")
+    seq = rc.sequence_to_aatype(chain_seq)
+    known = (seq != rc.UNK_ID) & (query != rc.UNK_ID)
+    mismatch = float(((seq != query) & known).sum()) / max(1, int(known.sum()))
+    if mismatch > max_mismatch:
+        raise FeatureError(f"{source}: MSA query differs from the chain sequence at {mismatch:.0%} of "
+                           f"positions (limit {max_mismatch:.0%})")
+
+
+def empty_templates(num_res: int) -> dict[str, np.ndarray]:
+    return {
+        "template_aatype": np.zeros((0, num_res), np.int8),
+        "template_all_atom_positions": np.zeros((0, num_res, rc.atom_type_num, 3), np.float32),
+        "template_all_atom_mask": np.zeros((0, num_res, rc.atom_type_num), np.uint8),
+        "template_sum_probs": np.zeros((0,), np.float32),
+    }
+
+
+def build_record(structure: Structure, chain: ProteinChain, msa: MSA,
+                 templates: dict[str, np.ndarray] | None = None,
+                 template_meta: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and metadata of one chain record (schema in docs/design.md)."""
+    num_res = chain.num_residues
+    templates = templates if templates is not None else empty_templates(num_res)
+    for key, arr in templates.items():
+        if key != "template_sum_probs" and arr.shape[1] != num_res:
+            raise FeatureError(f"{structure.pdb_id}_{chain.chain_id}: {key} has {arr.shape[1]} residues, "
+                               f"chain has {num_res}")
+    arrays: dict[str, np.ndarray] = {
+        "aatype": chain.aatype.astype(np.int8),
+        "residue_index": chain.residue_index.astype(np.int32),
+        "all_atom_positions": chain.all_atom_positions.astype(np.float32),
+        "all_atom_mask": chain.all_atom_mask.astype(np.uint8),
+        "msa": msa.aatype.astype(np.int8),
+        "deletion_matrix": msa.deletions.astype(np.uint16),
+        **templates,
+    }
+    arrays.update(make_targets(arrays["aatype"], arrays["all_atom_positions"], arrays["all_atom_mask"]))
+    resolution = structure.resolution
+    meta = {
+        "pdb_id": structure.pdb_id,
+        "chain_id": chain.chain_id,
+        "sequence": chain.sequence,
+        "length": num_res,
+        "num_observed": chain.num_observed,
+        "resolution": None if math.isnan(resolution) else resolution,
+        "release_date": structure.release_date,
+        "method": structure.method,
+        "msa_depth": int(msa.aatype.shape[0]),
+        "num_templates": int(templates["template_aatype"].shape[0]),
+        "source": structure.path,
+        "author_resnum": chain.author_resnum.tolist(),
+        "insertion_code": "".join(c or " " for c in chain.insertion_code.tolist()),
+        **(template_meta or {}),
+    }
+    return arrays, meta
