@@ -34,7 +34,7 @@ class DataConfig:
     resample_msa_in_recycling: bool = True
     # cropping: contiguous by default; with this probability a spatial crop around a random residue
     spatial_crop_prob: float = 0.0
-    # AF2 Suppl. 1.2.5 sampling weights: max(min(L, 512), 256) / 512 / sqrt(cluster size)
+    # AF2 Suppl. 1.2.5 sampling weights: max(min(L, 512), 256) / 512 / cluster size
     weight_length_min: int = 256
     weight_length_max: int = 512
 
