@@ -109,6 +109,8 @@ def _read(path: Path) -> tuple[gemmi.Structure, gemmi.cif.Block | None]:
     name = path.name.lower()
     if not path.is_file():
         raise StructureError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise StructureError(f"{path}: empty file")
     try:
         if ".cif" in name:
             block = gemmi.cif.read(str(path)).sole_block()
@@ -136,7 +138,7 @@ def _method(st: gemmi.Structure, block: gemmi.cif.Block | None) -> str:
         values = [gemmi.cif.as_string(v) for v in block.find_values("_exptl.method")]
         if values:
             return ";".join(values)
-    return st.info.get("_exptl.method", "")
+    return st.info["_exptl.method"] if "_exptl.method" in st.info else ""
 
 
 def _fill_residue(pos: np.ndarray, mask: np.ndarray, occ: np.ndarray, res: gemmi.Residue, parent) -> None:

@@ -26,6 +26,7 @@ All parsing is done on bytes with numpy lookup tables; no per-character Python l
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -125,7 +126,8 @@ def _a3m_class_lut() -> np.ndarray:
     lut[ord("A"): ord("Z") + 1] = _ALIGNED
     lut[ord("-")] = _ALIGNED
     lut[ord("a"): ord("z") + 1] = _INSERT
-    lut[ord(".")] = _SKIP
+    for c in b". \t\r\n\v\f\x00":  # '.', whitespace, NUL separators some tools write
+        lut[c] = _SKIP
     return lut
 
 
@@ -145,7 +147,8 @@ _STO_AATYPE = LETTER_TO_AATYPE_LUT.copy()
 _STO_AATYPE[ord("a"): ord("z") + 1] = LETTER_TO_AATYPE_LUT[ord("A"): ord("Z") + 1]
 _STO_AATYPE[ord(".")] = GAP_ID
 
-_WHITESPACE = b" \t\r\n\v\f\x00"
+_NEWLINE, _GT = ord("\n"), ord(">")
+_HEADER_NEEDS_STRIP = re.compile(rb"[ \t\r\v\f]\n")
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -161,15 +164,6 @@ def _decode_lines(lines: list[bytes]) -> list[str]:
     return b"\n".join(lines).decode("utf-8", errors="replace").split("\n")
 
 
-def _cumsum0(mask: np.ndarray) -> np.ndarray:
-    """Exclusive prefix sum with a leading 0 (length len(mask) + 1), int32 when it fits."""
-    dtype = np.int32 if mask.size < np.iinfo(np.int32).max else np.int64
-    out = np.empty(mask.size + 1, dtype=dtype)
-    out[0] = 0
-    np.cumsum(mask, dtype=dtype, out=out[1:])
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # A3M
 # --------------------------------------------------------------------------------------------------
@@ -179,50 +173,72 @@ def parse_a3m(text: str | bytes, *, source: str = "<a3m string>") -> MSA:
     """Parse an A3M alignment (first record = query) into an :class:`MSA`.
 
     Lines before the first '>' may only be blank or '#' comments (e.g. ColabFold's '#<len>\\t<card>'
-    header). Raises :class:`MSAError` naming ``source`` for an empty file, invalid characters, or a
-    row whose number of query columns (upper-case letters and '-') differs from the query's.
+    header). Descriptions are the header lines without '>' and trailing whitespace. Raises
+    :class:`MSAError` naming ``source`` for an empty file, invalid characters, or a row whose number
+    of query columns (upper-case letters and '-') differs from the query's.
+
+    Vectorised over the whole file: one byte-class lookup, header lines found from the newline
+    positions, no per-record Python work except decoding the descriptions.
     """
     data = _as_bytes(text)
-    if data.startswith(b">"):
-        start = 0
-    else:
-        pos = data.find(b"\n>")
-        start = pos + 1 if pos >= 0 else len(data)
-        for k, line in enumerate(data[:start].splitlines(), 1):
-            s = line.strip()
-            if s and not s.startswith(b"#"):
-                raise MSAError(f"{source}: line {k}: text before the first '>' header: {s[:60]!r}")
-    if start >= len(data):
-        raise MSAError(f"{source}: empty A3M (no '>' record)")
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nbytes = buf.size
+    newlines = np.flatnonzero(buf == _NEWLINE)
+    line_starts = np.empty(newlines.size, dtype=np.int64)
+    line_starts[0] = 0
+    line_starts[1:] = newlines[:-1] + 1
+    hs = line_starts[buf[line_starts] == _GT]  # header starts ('>')
+    if hs.size == 0:
+        if data.strip():
+            raise MSAError(f"{source}: not an A3M file (no '>' header line)")
+        raise MSAError(f"{source}: empty A3M file")
+    first = int(hs[0])
+    if first:
+        for k, line in enumerate(data[:first].splitlines(), 1):
+            stripped = line.strip()
+            if stripped and not stripped.startswith(b"#"):
+                raise MSAError(f"{source}: line {k}: text before the first '>' header: {stripped[:60]!r}")
+    he = newlines[np.searchsorted(newlines, hs)]  # the newline ending each header line
+    n = hs.size
+    seq_start = he + 1  # row i's sequence bytes are [seq_start[i], hs[i + 1]) (or to the end)
+    seq_end = np.empty(n, dtype=np.int64)
+    seq_end[:-1] = hs[1:]
+    seq_end[-1] = nbytes
+    row_len = seq_end - seq_start
 
-    headers: list[bytes] = []
-    seqs: list[bytes] = []
-    for chunk in data[start + 1:].split(b"\n>"):
-        header, _, seq = chunk.partition(b"\n")
-        headers.append(header)
-        seqs.append(seq.translate(None, _WHITESPACE))
-    n = len(seqs)
-    descriptions = [d.rstrip() for d in _decode_lines(headers)]
+    # Split the file into header text and the sequence byte stream with one np.repeat mask:
+    # alternating regions [0, hs0+...) header/prefix, [seq_start, seq_end) sequence, ...
+    region_len = np.empty(2 * n + 1, dtype=np.int64)
+    region_len[0] = first
+    region_len[1:-1:2] = seq_start - hs
+    region_len[2:-1:2] = row_len[:-1] if n > 1 else region_len[2:-1:2]
+    region_len[-1] = row_len[-1]
+    is_seq = np.repeat(np.arange(2 * n + 1) % 2 == 0, region_len)
+    is_seq[:first] = False
+    header_text = buf[first:][~is_seq[first:]].tobytes().decode("utf-8", errors="replace")
+    descriptions = header_text[1:-1].split("\n>")  # ">h1\n>h2\n...>hN\n"
+    if _HEADER_NEEDS_STRIP.search(header_text):
+        descriptions = [d.rstrip() for d in descriptions]
 
-    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
-    buf = np.frombuffer(b"".join(seqs), dtype=np.uint8)
-    cls = _A3M_CLASS[buf]
-    ends = np.cumsum(lens)
-    starts = ends - lens
+    stream = buf[is_seq]  # all sequence bytes, rows back to back
+    del is_seq
+    row_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(row_len, out=row_off[1:])
+    cls = _A3M_CLASS[stream]  # whitespace and '.' are _SKIP
 
-    invalid = np.flatnonzero(cls == _INVALID)
-    if invalid.size:
-        p = int(invalid[0])
-        row = int(np.searchsorted(ends, p, side="right"))
-        raise MSAError(
-            f"{source}: row {row + 1} ({descriptions[row][:80]!r}): invalid character "
-            f"{chr(buf[p])!r} at position {p - int(starts[row]) + 1} "
-            f"({invalid.size} invalid characters in the file)"
-        )
-
-    aligned = cls == _ALIGNED
-    cs = _cumsum0(aligned)
-    counts = cs[ends] - cs[starts]
+    other = np.flatnonzero(cls != _ALIGNED)  # insertions, whitespace, '.', invalid bytes
+    if other.size:
+        bad_bytes = other[cls[other] == _INVALID]
+        if bad_bytes.size:
+            p = int(bad_bytes[0])
+            row = int(np.searchsorted(row_off, p, side="right")) - 1
+            raise MSAError(
+                f"{source}: row {row + 1} ({descriptions[row][:80]!r}): invalid character "
+                f"{chr(stream[p])!r} ({bad_bytes.size} invalid characters in the file)"
+            )
+    counts = row_len - np.diff(np.searchsorted(other, row_off))
     length = int(counts[0])
     if length == 0:
         raise MSAError(f"{source}: the query (row 1, {descriptions[0][:80]!r}) has no aligned residues")
@@ -234,19 +250,21 @@ def parse_a3m(text: str | bytes, *, source: str = "<a3m string>") -> MSA:
             f"after removing insertions, but the query has {length} "
             f"({bad.size} of {n} rows differ; truncated or corrupt file?)"
         )
+    aatype = LETTER_TO_AATYPE_LUT[stream[cls == _ALIGNED]].reshape(n, length)
 
-    pos = np.flatnonzero(aligned)
-    aatype = LETTER_TO_AATYPE_LUT[buf[pos]].reshape(n, length)
-
-    ins = cls == _INSERT
-    if ins.any():
-        ci = _cumsum0(ins)
-        before = ci[pos].reshape(n, length)  # insertions in the file before each aligned residue
-        dels = np.diff(before, axis=1, prepend=ci[starts][:, None])
-        deletions = np.minimum(dels, _DELETION_MAX).astype(np.uint16)
-    else:
-        deletions = np.zeros((n, length), dtype=np.uint16)
-    return MSA(aatype, deletions, descriptions, source)
+    deletions = np.zeros(n * length, dtype=np.uint16)
+    ins = other[cls[other] == _INSERT]
+    if ins.size:
+        # Flat [N*L] index of the aligned residue after each insertion = number of aligned bytes
+        # before it = its stream position minus the non-aligned bytes before it.
+        nxt = ins - np.searchsorted(other, ins)
+        row = np.searchsorted(row_off, ins, side="right") - 1
+        nxt = nxt[nxt < (row + 1) * length]  # insertions after a row's last column are dropped (AF2)
+        if nxt.size:
+            run_start = np.flatnonzero(np.diff(nxt, prepend=-1))  # nxt is sorted
+            run_len = np.diff(run_start, append=nxt.size)
+            deletions[nxt[run_start]] = np.minimum(run_len, _DELETION_MAX)
+    return MSA(aatype, deletions.reshape(n, length), descriptions, source)
 
 
 # --------------------------------------------------------------------------------------------------
