@@ -176,7 +176,9 @@ def pseudo_beta_targets(aatype: np.ndarray, pos37: np.ndarray, mask37: np.ndarra
     }
 
 
-def make_targets(aatype: np.ndarray, all_atom_positions: np.ndarray, all_atom_mask: np.ndarray) -> dict[str, np.ndarray]:
+def make_targets(
+    aatype: np.ndarray, all_atom_positions: np.ndarray, all_atom_mask: np.ndarray
+) -> dict[str, np.ndarray]:
     """All ground-truth targets of one chain (AF2 Suppl. 1.8.1, 1.8.5, 1.9.1; Alg. 21, 24, 26).
 
     Args:

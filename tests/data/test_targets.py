@@ -85,7 +85,8 @@ EXPECTED = {
     "rigidgroups_gt_exists": ((8,), np.uint8), "rigidgroups_group_exists": ((8,), np.uint8),
     "rigidgroups_group_is_ambiguous": ((8,), np.uint8), "rigidgroups_alt_gt_frames": ((8, 4, 4), np.float32),
     "torsion_angles_sin_cos": ((7, 2), np.float32), "alt_torsion_angles_sin_cos": ((7, 2), np.float32),
-    "torsion_angles_mask": ((7,), np.uint8), "pseudo_beta": ((3,), np.float32), "pseudo_beta_mask": ((), np.uint8),
+    "torsion_angles_mask": ((7,), np.uint8), "pseudo_beta": ((3,), np.float32),
+    "pseudo_beta_mask": ((), np.uint8),
 }
 
 
@@ -104,7 +105,8 @@ def test_tables_consistent():
         lit = {a for a, _, _ in rc.rigid_group_atom_positions[name]}
         assert lit == {a for a in rc.restype_name_to_atom14_names[name] if a}, name
         assert all(a in lit for quad in rc.chi_angles_atoms[name] for a in quad), name
-    assert rc.restype_atom14_mask.sum(1).tolist() == [5, 11, 8, 8, 6, 9, 9, 4, 10, 8, 8, 9, 8, 11, 7, 6, 7, 14, 12, 7, 0]
+    heavy_atoms = [5, 11, 8, 8, 6, 9, 9, 4, 10, 8, 8, 9, 8, 11, 7, 6, 7, 14, 12, 7, 0]  # A R N D ... V, UNK
+    assert rc.restype_atom14_mask.sum(1).tolist() == heavy_atoms
     assert rc.restype_rigidgroup_is_ambiguous.nonzero()[1].tolist() == [5, 6, 5, 5]  # ASP chi2, GLU chi3, PHE, TYR
     assert np.array_equal(rc.restype_rigidgroup_is_ambiguous[:, 4:], rc.restype_chi_pi_periodic)
 
@@ -295,8 +297,10 @@ def test_missing_atoms_unknown_and_gap_residues(myoglobin):
     # line (degenerate geometry: chi1/chi2 frames and angles undefined, masked rather than garbage).
     asp = 50 + int(np.nonzero(aatype[50:] == rc.restype_order["D"])[0][0])
     drop(asp, ["OD1"])
-    bent = 50 + int(np.nonzero(rc.restype_chi_angles_mask[aatype[50:], 1] & (aatype[50:] != rc.restype_order["D"]))[0][0])
+    has_chi2 = rc.restype_chi_angles_mask[aatype[50:], 1].astype(bool) & (aatype[50:] != rc.restype_order["D"])
+    bent = 50 + int(np.nonzero(has_chi2)[0][0])
     pos[bent, A["CG"]] = 2 * pos[bent, A["CB"]] - pos[bent, A["CA"]]
+    pos[60, A["O"]] = np.nan  # mask says observed, coordinate is not: treated as missing
     out = make_targets(aatype, pos, mask)
     for key, val in out.items():
         assert np.isfinite(val).all(), key
@@ -321,10 +325,12 @@ def test_missing_atoms_unknown_and_gap_residues(myoglobin):
     assert np.array_equal(out["atom14_alt_gt_positions"][asp, od1], out["atom14_gt_positions"][asp, od2])
     assert not out["atom14_alt_gt_positions"][asp, od2].any()
     assert ex[asp, 5] == 0 and tm[asp, 4] == 0 and ex[asp, 4] == 1
-    assert ex[bent, 4] == 0 and ex[bent, 5] == 0 and tm[bent, 3] == 0 and tm[bent, 4] == 0 and ex[bent, 0] == 1
+    # chi1 frame (CA, CB, CG) and both torsions are degenerate; the chi2 frame (CB, CG, CD) is not.
+    assert ex[bent, 4] == 0 and tm[bent, 3] == 0 and tm[bent, 4] == 0 and ex[bent, 5] == 1
+    assert ex[60, 3] == 0 and tm[60, 2] == 0 and ex[60, 0] == 1
     # Nothing else changed.
     ref = make_targets(*myoglobin[:3])
-    untouched = np.setdiff1d(np.arange(len(aatype)), [10, 20, 21, 30, 40, 41, asp, bent])
+    untouched = np.setdiff1d(np.arange(len(aatype)), [10, 20, 21, 30, 40, 41, 60, asp, bent])
     for key in ("rigidgroups_gt_frames", "torsion_angles_sin_cos", "atom14_gt_positions"):
         assert np.array_equal(out[key][untouched], ref[key][untouched]), key
 
@@ -350,7 +356,8 @@ def test_project_parser_chain_with_unobserved_residues():
         assert np.isfinite(val).all() and val.shape[0] == len(chain.aatype), key
     observed = chain.all_atom_mask[:, A["CA"]].astype(bool)
     assert (~observed).any()
-    assert np.array_equal(out["rigidgroups_gt_exists"][:, 0].astype(bool), chain.all_atom_mask[:, :3].all(1).astype(bool))
+    backbone_observed = chain.all_atom_mask[:, :3].all(1).astype(bool)  # N, CA, C
+    assert np.array_equal(out["rigidgroups_gt_exists"][:, 0].astype(bool), backbone_observed)
     assert not out["torsion_angles_mask"][~observed].any()
     after_gap = np.nonzero(observed[1:] & ~observed[:-1])[0] + 1
     assert not out["torsion_angles_mask"][after_gap, :2].any()
