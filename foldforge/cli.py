@@ -43,6 +43,7 @@ def _cmd_prepare(args) -> int:
         args.mmcif_dir = str(SAMPLE_DIR / "mmcif")
         args.msa_dir = args.msa_dir or str(SAMPLE_DIR / "alignments")
         args.template_mmcif_dir = args.template_mmcif_dir or str(SAMPLE_DIR / "mmcif")
+        args.allow_missing_msa = True  # the two PSICOV domains are single-sequence
     out = args.out or DEFAULT_SAMPLE_CACHE
     opts = PrepareOptions(
         mmcif_dir=args.mmcif_dir, out=out, msa_dir=args.msa_dir, template_mmcif_dir=args.template_mmcif_dir,

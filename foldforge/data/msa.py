@@ -26,7 +26,6 @@ All parsing is done on bytes with numpy lookup tables; no per-character Python l
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -148,7 +147,6 @@ _STO_AATYPE[ord("a"): ord("z") + 1] = LETTER_TO_AATYPE_LUT[ord("A"): ord("Z") + 
 _STO_AATYPE[ord(".")] = GAP_ID
 
 _NEWLINE, _GT = ord("\n"), ord(">")
-_HEADER_NEEDS_STRIP = re.compile(rb"[ \t\r\v\f]\n")
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -208,19 +206,16 @@ def parse_a3m(text: str | bytes, *, source: str = "<a3m string>") -> MSA:
     seq_end[-1] = nbytes
     row_len = seq_end - seq_start
 
-    # Split the file into header text and the sequence byte stream with one np.repeat mask:
-    # alternating regions [0, hs0+...) header/prefix, [seq_start, seq_end) sequence, ...
-    region_len = np.empty(2 * n + 1, dtype=np.int64)
-    region_len[0] = first
-    region_len[1:-1:2] = seq_start - hs
-    region_len[2:-1:2] = row_len[:-1] if n > 1 else region_len[2:-1:2]
-    region_len[-1] = row_len[-1]
-    is_seq = np.repeat(np.arange(2 * n + 1) % 2 == 0, region_len)
-    is_seq[:first] = False
-    header_text = buf[first:][~is_seq[first:]].tobytes().decode("utf-8", errors="replace")
-    descriptions = header_text[1:-1].split("\n>")  # ">h1\n>h2\n...>hN\n"
-    if _HEADER_NEEDS_STRIP.search(header_text):
-        descriptions = [d.rstrip() for d in descriptions]
+    # Split the file into header text and the sequence byte stream with one np.repeat mask over
+    # 2n alternating regions: [prev row end, seq_start[i]) prefix/header, [seq_start[i], seq_end[i]) row.
+    region_len = np.empty(2 * n, dtype=np.int64)
+    region_len[0::2] = seq_start - np.concatenate(([0], seq_end[:-1]))
+    region_len[1::2] = row_len
+    is_seq = np.repeat(np.tile(np.array([False, True]), n), region_len)
+    header_bytes = buf[first:][~is_seq[first:]].tobytes()  # b">h1\n>h2\n...>hN\n"
+    descriptions = header_bytes[1:-1].decode("utf-8", errors="replace").split("\n>")
+    if any(ws + b"\n" in header_bytes for ws in (b" ", b"\t", b"\r", b"\v", b"\f", b"\x00")):
+        descriptions = [d.rstrip() for d in descriptions]  # AF2 strips header lines
 
     stream = buf[is_seq]  # all sequence bytes, rows back to back
     del is_seq
@@ -253,11 +248,12 @@ def parse_a3m(text: str | bytes, *, source: str = "<a3m string>") -> MSA:
     aatype = LETTER_TO_AATYPE_LUT[stream[cls == _ALIGNED]].reshape(n, length)
 
     deletions = np.zeros(n * length, dtype=np.uint16)
-    ins = other[cls[other] == _INSERT]
-    if ins.size:
+    ins_k = np.flatnonzero(cls[other] == _INSERT)  # index among the non-aligned bytes
+    if ins_k.size:
         # Flat [N*L] index of the aligned residue after each insertion = number of aligned bytes
-        # before it = its stream position minus the non-aligned bytes before it.
-        nxt = ins - np.searchsorted(other, ins)
+        # before it = its stream position minus the number of non-aligned bytes before it.
+        ins = other[ins_k]
+        nxt = ins - ins_k
         row = np.searchsorted(row_off, ins, side="right") - 1
         nxt = nxt[nxt < (row + 1) * length]  # insertions after a row's last column are dropped (AF2)
         if nxt.size:

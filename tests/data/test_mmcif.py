@@ -10,10 +10,9 @@ from foldforge.data import residue_constants as rc
 from foldforge.data.mmcif import StructureError, parse_structure
 from foldforge.data.prepare import SAMPLE_DIR
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 OPENFOLD = SHARED / "openfold_af2_testdata" / "mmcifs"
 SAMPLE = SAMPLE_DIR / "mmcif"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared real-data folder not present")
+from tests.paths import SHARED, needs_shared
 CA = rc.atom_order["CA"]
 
 

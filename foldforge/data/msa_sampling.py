@@ -1,0 +1,348 @@
+"""Per-recycle MSA sampling for AF2 training (AF2 Suppl. 1.2.6-1.2.7, Alg. 1).
+
+The steps follow OpenFold ``data/data_transforms.py`` (``block_delete_msa``, ``sample_msa``,
+``make_masked_msa``, ``nearest_neighbor_clusters``, ``summarize_clusters``, ``crop_extra_msa``,
+``make_msa_feat``), re-written on int8 numpy arrays; every random draw comes from the caller's
+``numpy.random.Generator``. :func:`sample_msa_copy` runs one recycling copy and writes the real
+(unpadded) region of its features straight into the caller's output arrays.
+
+Deviations from OpenFold, all deliberate:
+
+* Clustering profile: the cluster profile and deletion mean are summarised over the cluster centres
+  plus the ``N_extra`` rows actually fed to the extra-MSA stack, not over *all* non-centre rows.
+  OpenFold clusters every remaining row and only then crops the extra MSA; here the extra MSA is
+  cropped first so that the per-sample cost is bounded by ``N_extra`` for arbitrarily deep MSAs.
+* Masked-MSA "profile" replacement samples the residue of a uniformly random row of the (cropped)
+  full MSA at that column. That is exactly a draw from OpenFold's ``hhblits_profile`` (the
+  column-wise mean of the 22-class one-hot over all rows), without building the profile.
+  Likewise the 23-way categorical is drawn as its mixture components (mask token / same /
+  uniform / profile) with one uniform number per masked position; the distribution is identical.
+* Crop of the extra MSA: the rows after the cluster centres are already in random order, so the
+  first ``N_extra`` of them are a uniformly random subset (OpenFold draws a second permutation).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from foldforge.config import DataConfig
+from foldforge.data import residue_constants as rc
+
+NUM_MSA_CLASSES = 23  # 20 amino acids, X, gap, mask token
+_AGREE_CLASSES = 21   # classes that carry weight in the nearest-neighbour agreement (gap/mask do not)
+
+# 2/pi * arctan(d / 3) for every uint16 deletion count (AF2 Suppl. 1.2.9 deletion_value).
+DELETION_VALUE_LUT = (np.arctan(np.arange(65536, dtype=np.float64) / 3.0) * (2.0 / np.pi)).astype(np.float32)
+
+
+def deletion_value(d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """2/pi * arctan(d / 3) of a uint16 deletion array (table lookup, float32)."""
+    d = np.asarray(d)
+    if d.dtype != np.uint16:
+        d = np.clip(d, 0, 65535).astype(np.uint16)
+    return np.take(DELETION_VALUE_LUT, d, out=out, mode="clip")
+
+
+# --------------------------------------------------------------------------------------------------
+# Row sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def block_delete_rows(num_seq: int, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """AF2 Suppl. Alg. 1 (MSABlockDeletion): sorted indices of the kept rows; row 0 is always kept.
+
+    ``num_blocks`` blocks of ``floor(num_seq * msa_fraction_per_block)`` consecutive rows, each
+    starting at a uniform row in [1, num_seq), are deleted (blocks are clipped at the end).
+    """
+    keep = np.ones(num_seq, dtype=bool)
+    block = int(math.floor(num_seq * cfg.msa_fraction_per_block))
+    if num_seq > 1 and block > 0 and cfg.num_blocks > 0:
+        starts = rng.integers(1, num_seq, size=cfg.num_blocks)
+        for s in starts.tolist():
+            keep[s:s + block] = False
+    keep[0] = True
+    return np.flatnonzero(keep)
+
+
+def sample_rows(rows: np.ndarray, max_clusters: int, max_extra: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """OpenFold ``sample_msa`` + ``crop_extra_msa``: row 0 first, the rest shuffled; the first
+    ``max_clusters`` are the cluster centres, the next ``max_extra`` the extra-MSA rows."""
+    rest = rows[1:]
+    order = rest[rng.permutation(rest.shape[0])]
+    n_clust = min(max_clusters, rows.shape[0])
+    centres = np.concatenate([rows[:1], order[:n_clust - 1]]) if n_clust > 0 else rows[:0]
+    extras = order[max(n_clust - 1, 0): max(n_clust - 1, 0) + max_extra]
+    return centres, extras
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked MSA (BERT corruption)
+# --------------------------------------------------------------------------------------------------
+
+
+def mask_msa(true_msa: np.ndarray, profile_column: callable, cfg: DataConfig,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """AF2 Suppl. 1.2.7 / OpenFold ``make_masked_msa`` on the cluster centres.
+
+    Each position is selected with probability ``masked_msa_replace_fraction``; a selected position
+    becomes a uniform amino acid (``uniform_prob``), a draw from the column profile
+    (``profile_prob``), stays unchanged (``same_prob``) or becomes the mask token 22 (the rest).
+
+    Args:
+      true_msa: int8 [N, L] centres.
+      profile_column: ``f(cols: int64 [M], rng) -> int8 [M]``, one draw from the MSA profile of
+        each column (see :func:`sample_msa_copy`).
+    Returns:
+      (masked msa int8 [N, L], bert_mask bool [N, L]).
+    """
+    p_uni, p_prof, p_same = cfg.masked_msa_uniform_prob, cfg.masked_msa_profile_prob, cfg.masked_msa_same_prob
+    if p_uni + p_prof + p_same > 1.0 + 1e-9:
+        raise ValueError("masked-MSA uniform + profile + same probabilities exceed 1")
+    bert = rng.random(true_msa.shape, dtype=np.float32) < cfg.masked_msa_replace_fraction
+    masked = true_msa.copy()
+    pos = np.flatnonzero(bert)
+    if pos.size:
+        u = rng.random(pos.size)
+        new = np.full(pos.size, rc.MASK_ID, dtype=np.int8)
+        is_uni = u < p_uni
+        is_prof = (u >= p_uni) & (u < p_uni + p_prof)
+        is_same = (u >= p_uni + p_prof) & (u < p_uni + p_prof + p_same)
+        n_uni = int(is_uni.sum())
+        if n_uni:
+            new[is_uni] = rng.integers(0, rc.restype_num, size=n_uni)
+        if is_prof.any():
+            cols = pos[is_prof] % true_msa.shape[1]
+            new[is_prof] = profile_column(cols, rng)
+        new[is_same] = true_msa.reshape(-1)[pos[is_same]]
+        masked.reshape(-1)[pos] = new
+    return masked, bert
+
+
+# --------------------------------------------------------------------------------------------------
+# Nearest-neighbour agreement (the hot spot)
+# --------------------------------------------------------------------------------------------------
+
+
+def _agreement_reference(centres: np.ndarray, extras: np.ndarray) -> np.ndarray:
+    """OpenFold ``nearest_neighbor_clusters`` agreement, written out: int64 [N_extra, N_clust].
+
+    ``agreement[e, c] = sum_j sum_k onehot(extras[e, j])_k * onehot(centres[c, j])_k * w_k`` with
+    ``w_k = 1`` for the 21 residue classes (20 amino acids + X) and 0 for gap and mask token.
+    """
+    w = np.zeros(NUM_MSA_CLASSES, dtype=np.int64)
+    w[:_AGREE_CLASSES] = 1
+    x1 = np.eye(NUM_MSA_CLASSES, dtype=np.int64)[extras.astype(np.int64)]   # [E, L, 23]
+    c1 = np.eye(NUM_MSA_CLASSES, dtype=np.int64)[centres.astype(np.int64)]  # [C, L, 23]
+    e, l_ = extras.shape
+    c = centres.shape[0]
+    return x1.reshape(e, l_ * NUM_MSA_CLASSES) @ (c1 * w).reshape(c, l_ * NUM_MSA_CLASSES).T
+
+
+def _round8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+_HAS_INT_MM = hasattr(torch, "_int_mm")
+
+
+def _int8_matmul(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
+    """Exact int32 ``a @ b_t.T`` for 0/1 int8 matrices a [M, K], b_t [N, K] (M > 16; K, N % 8 == 0)."""
+    if _HAS_INT_MM:
+        try:
+            return torch._int_mm(torch.from_numpy(a), torch.from_numpy(b_t).T).numpy()
+        except RuntimeError:  # pragma: no cover - builds without the CPU int8 kernel
+            pass
+    return (a.astype(np.float32) @ b_t.astype(np.float32).T).astype(np.int32)  # pragma: no cover
+
+
+def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Exact agreement counts, equal to :func:`_agreement_reference`: int32 [N_extra, N_clust].
+
+    The count product ``[E, L*21] x [L*21, C]`` is split by class:
+
+    * the class of the query at each column (the most frequent one in a real MSA, ~40% of the
+      extra rows' entries) as an int8 0/1 matrix product ``[E, L] x [L, C]`` (``torch._int_mm``,
+      exact int32, VNNI on x86);
+    * every other residue entry of the extra rows (gaps skipped) as a sparse lookup: a
+      ``[L*23, C]`` float16 table holds, for each (column, class), the indicator of the centres
+      with that class there, and ``F.embedding_bag(mode="sum")`` adds up one table row per
+      (extra row, column) entry. Sums are integers <= L, exact in float16 up to 2048 (float32 is
+      used for longer crops).
+
+    ``query`` only chooses the split; the result does not depend on it.
+    """
+    centres = np.asarray(centres, dtype=np.int8)
+    extras = np.asarray(extras, dtype=np.int8)
+    query = np.asarray(query, dtype=np.int8)
+    n_c, n_res = centres.shape
+    n_e = extras.shape[0]
+    if n_e == 0 or n_c == 0 or n_res == 0:
+        return np.zeros((n_e, n_c), dtype=np.int32)
+    ncp, lp, mp = _round8(n_c), _round8(n_res), max(n_e, 17)
+
+    centre_ok = centres < _AGREE_CLASSES
+    # (1) query class: int8 matmul
+    xq = np.zeros((mp, lp), dtype=np.int8)
+    np.equal(extras, query, out=xq[:n_e, :n_res].view(np.bool_))
+    cq = np.zeros((ncp, lp), dtype=np.int8)
+    np.logical_and(centres == query, centre_ok, out=cq[:n_c, :n_res].view(np.bool_))
+    agree = _int8_matmul(xq, cq)[:n_e, :n_c]
+
+    # (2) every other residue class: embedding-bag over a (column, class) -> centres table
+    rest = (extras != query) & (extras < _AGREE_CLASSES)
+    base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
+    keys = (base + extras)[rest]  # int32 row ids, grouped by extra row
+    if keys.size:
+        n_rows = n_res * NUM_MSA_CLASSES
+        dtype = np.float16 if n_res <= 2048 else np.float32
+        table = np.zeros((n_rows + 1) * ncp, dtype=dtype)  # row n_rows: sink for unused entries
+        cent_rest = centre_ok & (centres != query)
+        flat = (base + centres) * ncp + np.arange(n_c, dtype=np.int32)[:, None]
+        flat[~cent_rest] = n_rows * ncp
+        table[flat.reshape(-1)] = 1
+        offsets = np.zeros(n_e, dtype=np.int32)
+        np.cumsum(rest.view(np.uint8).sum(axis=1, dtype=np.int32)[:-1], out=offsets[1:])
+        bag = F.embedding_bag(torch.from_numpy(keys), torch.from_numpy(table.reshape(n_rows + 1, ncp)),
+                              torch.from_numpy(offsets), mode="sum")
+        agree = agree + bag.numpy()[:, :n_c].astype(np.int32)
+    return agree
+
+
+def assign_clusters(centres: np.ndarray, extras: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Index of the centre with maximal agreement for each extra row (first on ties), int64 [E]."""
+    if extras.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.argmax(cluster_agreement(centres, extras, query), axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster summaries
+# --------------------------------------------------------------------------------------------------
+
+
+def summarize_clusters(centres: np.ndarray, centre_del: np.ndarray, extras: np.ndarray,
+                       extra_del: np.ndarray, assignment: np.ndarray,
+                       profile_out: np.ndarray, deletion_mean_out: np.ndarray) -> None:
+    """OpenFold ``summarize_clusters`` (+ ``make_msa_feat``'s arctan) into the given outputs.
+
+    ``profile_out`` float32 [C, L, 23] receives the normalised class counts of each centre
+    (its bert-masked row, as in OpenFold) plus its assigned extra rows; ``deletion_mean_out``
+    float32 [C, L] receives ``2/pi * arctan(mean deletions / 3)`` over the same rows.
+    All MSA masks are 1 inside the real region, so the denominator is ``1 + cluster size``.
+    """
+    n_c, n_res = centres.shape
+    size = np.bincount(assignment, minlength=n_c)[:n_c]
+    inv = (1.0 / (1.0 + size)).astype(np.float32)
+
+    stride = n_res * NUM_MSA_CLASSES
+    base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
+    if extras.shape[0]:
+        keys = (assignment.astype(np.int32) * stride)[:, None] + (base + extras)
+        counts = np.bincount(keys.reshape(-1), minlength=n_c * stride).astype(np.int16)
+    else:
+        counts = np.zeros(n_c * stride, dtype=np.int16)
+    centre_keys = (np.arange(n_c, dtype=np.int32) * stride)[:, None] + (base + centres)
+    counts[centre_keys.reshape(-1)] += 1  # each (centre, column) once: no duplicate indices
+    np.multiply(counts.reshape(n_c, n_res, NUM_MSA_CLASSES), inv[:, None, None], out=profile_out)
+
+    del_sum = centre_del.astype(np.float64)
+    if extras.shape[0]:
+        nz = np.flatnonzero(extra_del)
+        if nz.size:
+            e, j = np.divmod(nz, n_res)
+            del_sum += np.bincount(assignment[e] * n_res + j, weights=extra_del.reshape(-1)[nz],
+                                   minlength=n_c * n_res).reshape(n_c, n_res)
+    mean = del_sum * inv[:, None]
+    deletion_mean_out[...] = np.arctan(mean / 3.0) * (2.0 / np.pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# One recycling copy
+# --------------------------------------------------------------------------------------------------
+
+
+def sample_msa_copy(msa: np.ndarray, deletion_matrix: np.ndarray, cols, query: np.ndarray,
+                    cfg: DataConfig, rng: np.random.Generator, out: dict[str, np.ndarray], r: int,
+                    *, block_delete: bool, timer: dict | None = None) -> tuple[int, int]:
+    """Sample one recycling copy and write its real region into ``out[key][r]``.
+
+    Args:
+      msa, deletion_matrix: the record's full [N, L_full] arrays (never written).
+      cols: the residue crop, a slice or an int array of column indices into L_full.
+      query: int8 [L] the cropped query (== ``msa[0, cols]``).
+      out: preallocated padded outputs; only ``[r, :n, :L]`` of the per-row arrays is written
+        (the caller zeroes the padding).
+    Returns:
+      (number of cluster centres, number of extra rows).
+    """
+    tick = _Ticker(timer)
+    n_seq = msa.shape[0]
+    n_res = query.shape[0]
+    rows = block_delete_rows(n_seq, cfg, rng) if block_delete else np.arange(n_seq)
+    centres_idx, extras_idx = sample_rows(rows, cfg.max_msa_clusters, cfg.max_extra_msa, rng)
+    n_c, n_e = centres_idx.shape[0], extras_idx.shape[0]
+    true_c = _take(msa, centres_idx, cols)
+    del_c = _take(deletion_matrix, centres_idx, cols)
+    extras = _take(msa, extras_idx, cols)
+    del_e = _take(deletion_matrix, extras_idx, cols)
+    tick("msa_select")
+
+    if isinstance(cols, slice):
+        col_start = cols.start or 0
+
+        def profile_column(c: np.ndarray, g: np.random.Generator) -> np.ndarray:
+            return msa[g.integers(0, n_seq, size=c.shape[0]), c + col_start]
+    else:
+        def profile_column(c: np.ndarray, g: np.random.Generator) -> np.ndarray:
+            return msa[g.integers(0, n_seq, size=c.shape[0]), cols[c]]
+
+    masked, bert = mask_msa(true_c, profile_column, cfg, rng)
+    out["msa"][r, :n_c, :n_res] = masked
+    out["true_msa"][r, :n_c, :n_res] = true_c
+    out["bert_mask"][r, :n_c, :n_res] = bert
+    out["msa_mask"][r, :n_c, :n_res] = 1.0
+    np.greater(del_c, 0, out=out["msa_has_deletion"][r, :n_c, :n_res])
+    deletion_value(del_c, out=out["msa_deletion_value"][r, :n_c, :n_res])
+    tick("mask_msa")
+
+    assignment = assign_clusters(masked, extras, query)
+    tick("agreement")
+    summarize_clusters(masked, del_c, extras, del_e, assignment,
+                       out["cluster_profile"][r, :n_c, :n_res], out["cluster_deletion_mean"][r, :n_c, :n_res])
+    tick("cluster_summary")
+
+    if n_e:
+        out["extra_msa"][r, :n_e, :n_res] = extras
+        out["extra_msa_mask"][r, :n_e, :n_res] = 1.0
+        np.greater(del_e, 0, out=out["extra_has_deletion"][r, :n_e, :n_res])
+        deletion_value(del_e, out=out["extra_deletion_value"][r, :n_e, :n_res])
+    tick("extra_features")
+    return n_c, n_e
+
+
+def _take(a: np.ndarray, rows: np.ndarray, cols) -> np.ndarray:
+    """``a[rows][:, cols]`` as one contiguous array (cols: slice or index array)."""
+    if isinstance(cols, slice):
+        return a[rows, cols]
+    return a[rows][:, cols]
+
+
+class _Ticker:
+    """Accumulates wall time per stage into ``timer`` (no-op when ``timer`` is None)."""
+
+    def __init__(self, timer: dict | None):
+        self.timer = timer
+        if timer is not None:
+            import time
+            self._clock = time.perf_counter
+            self.t = self._clock()
+
+    def __call__(self, name: str) -> None:
+        if self.timer is not None:
+            t = self._clock()
+            self.timer[name] = self.timer.get(name, 0.0) + (t - self.t)
+            self.t = t
