@@ -9,10 +9,10 @@ import pytest
 from foldforge.data import residue_constants as rc
 from foldforge.data.mmcif import StructureError, parse_structure
 from foldforge.data.prepare import SAMPLE_DIR
+from tests.paths import SHARED, needs_shared
 
 OPENFOLD = SHARED / "openfold_af2_testdata" / "mmcifs"
 SAMPLE = SAMPLE_DIR / "mmcif"
-from tests.paths import SHARED, needs_shared
 CA = rc.atom_order["CA"]
 
 

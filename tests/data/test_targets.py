@@ -15,7 +15,7 @@ import pytest
 from foldforge.data import residue_constants as rc
 from foldforge.data.targets import make_targets
 
-DATA = Path("/work/shared/data")
+from tests.paths import SHARED as DATA  # noqa: E402
 MYOGLOBIN = DATA / "psicov150_structures/pdb/1a6m.pdb"  # sperm-whale myoglobin, 1.0 A X-ray, 151 res
 CRYO_EM = DATA / "openfold_af2_testdata/mmcifs/3zee.cif"  # 84 res, has ASP/GLU/PHE/TYR
 GAPPED = DATA / "openfold_af2_testdata/mmcifs/3u8v.cif"  # 93-res SEQRES, 83 observed
