@@ -190,25 +190,24 @@ def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray
     np.equal(extras, query, out=xq[:n_e, :n_res].view(np.bool_))
     cq = np.zeros((ncp, lp), dtype=np.int8)
     np.logical_and(centres == query, centre_ok, out=cq[:n_c, :n_res].view(np.bool_))
-    agree = _int8_matmul(xq, cq)[:n_e, :n_c]
+    agree = np.ascontiguousarray(_int8_matmul(xq, cq)[:n_e, :n_c])
 
     # (2) every other residue class: embedding-bag over a (column, class) -> centres table
     rest = (extras != query) & (extras < _AGREE_CLASSES)
     base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
-    keys = (base + extras)[rest]  # int32 row ids, grouped by extra row
+    keys = np.compress(rest.reshape(-1), (base + extras).reshape(-1))  # int32 row ids, by extra row
     if keys.size:
         n_rows = n_res * NUM_MSA_CLASSES
         dtype = np.float16 if n_res <= 2048 else np.float32
         table = np.zeros((n_rows + 1) * ncp, dtype=dtype)  # row n_rows: sink for unused entries
-        cent_rest = centre_ok & (centres != query)
         flat = (base + centres) * ncp + np.arange(n_c, dtype=np.int32)[:, None]
-        flat[~cent_rest] = n_rows * ncp
+        flat[~(centre_ok & (centres != query))] = n_rows * ncp
         table[flat.reshape(-1)] = 1
         offsets = np.zeros(n_e, dtype=np.int32)
         np.cumsum(rest.view(np.uint8).sum(axis=1, dtype=np.int32)[:-1], out=offsets[1:])
         bag = F.embedding_bag(torch.from_numpy(keys), torch.from_numpy(table.reshape(n_rows + 1, ncp)),
                               torch.from_numpy(offsets), mode="sum")
-        agree = agree + bag.numpy()[:, :n_c].astype(np.int32)
+        agree += bag[:, :n_c].float().numpy().astype(np.int32)
     return agree
 
 
@@ -235,29 +234,26 @@ def summarize_clusters(centres: np.ndarray, centre_del: np.ndarray, extras: np.n
     All MSA masks are 1 inside the real region, so the denominator is ``1 + cluster size``.
     """
     n_c, n_res = centres.shape
+    n_e = extras.shape[0]
     size = np.bincount(assignment, minlength=n_c)[:n_c]
     inv = (1.0 / (1.0 + size)).astype(np.float32)
 
+    # class counts: one bincount over (cluster, column, class) keys of the extra rows and centres
     stride = n_res * NUM_MSA_CLASSES
     base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
-    if extras.shape[0]:
-        keys = (assignment.astype(np.int32) * stride)[:, None] + (base + extras)
-        counts = np.bincount(keys.reshape(-1), minlength=n_c * stride).astype(np.int16)
-    else:
-        counts = np.zeros(n_c * stride, dtype=np.int16)
-    centre_keys = (np.arange(n_c, dtype=np.int32) * stride)[:, None] + (base + centres)
-    counts[centre_keys.reshape(-1)] += 1  # each (centre, column) once: no duplicate indices
+    keys = np.empty((n_e + n_c, n_res), dtype=np.int32)
+    np.add((assignment.astype(np.int32) * stride)[:, None], base + extras, out=keys[:n_e])
+    np.add((np.arange(n_c, dtype=np.int32) * stride)[:, None], base + centres, out=keys[n_e:])
+    counts = np.bincount(keys.reshape(-1), minlength=n_c * stride)
+    counts = counts.astype(np.int16 if n_e < 32767 else np.int32)
     np.multiply(counts.reshape(n_c, n_res, NUM_MSA_CLASSES), inv[:, None, None], out=profile_out)
 
-    del_sum = centre_del.astype(np.float64)
-    if extras.shape[0]:
-        nz = np.flatnonzero(extra_del)
-        if nz.size:
-            e, j = np.divmod(nz, n_res)
-            del_sum += np.bincount(assignment[e] * n_res + j, weights=extra_del.reshape(-1)[nz],
-                                   minlength=n_c * n_res).reshape(n_c, n_res)
-    mean = del_sum * inv[:, None]
-    deletion_mean_out[...] = np.arctan(mean / 3.0) * (2.0 / np.pi)
+    # deletion sums per cluster (row-wise index_add; float32 holds these integer sums exactly)
+    del_sum = torch.from_numpy(centre_del.astype(np.float32))
+    if n_e:
+        del_sum.index_add_(0, torch.from_numpy(assignment), torch.from_numpy(extra_del.astype(np.float32)))
+    mean = del_sum.numpy() * inv[:, None]
+    np.multiply(np.arctan(mean * np.float32(1.0 / 3.0)), np.float32(2.0 / np.pi), out=deletion_mean_out)
 
 
 # --------------------------------------------------------------------------------------------------

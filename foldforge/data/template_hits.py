@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 
 class TemplateError(ValueError):
@@ -476,7 +476,3 @@ def parse_hmmsearch_sto(text: str, query_sequence: str, *, source: str = "") -> 
             extra={"description": desc.get(row_name, "")},
         ))
     return hits
-
-
-def iter_names(hits: Iterable[TemplateHit]) -> list[str]:
-    return [h.short_name for h in hits]

@@ -76,6 +76,7 @@ for _k, _c in enumerate(_B62_ALPHABET):
     _B62_LUT[ord(_c.lower())] = _k
 _B62_LUT[ord("U")] = _B62_ALPHABET.index("C")
 _NEG = -(1 << 28)
+MAX_ALIGNMENT_CELLS = 30_000_000  # three int32 matrices: ~360 MB at the limit
 
 
 def align_sequences(a: str, b: str, *, gap_open: int = 11, gap_extend: int = 1,
@@ -89,6 +90,8 @@ def align_sequences(a: str, b: str, *, gap_open: int = 11, gap_extend: int = 1,
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return []
+    if (n + 1) * (m + 1) > MAX_ALIGNMENT_CELLS:
+        raise ValueError(f"alignment of {n} x {m} residues exceeds {MAX_ALIGNMENT_CELLS} cells")
     ia = _B62_LUT[np.frombuffer(a.encode("ascii", "replace"), np.uint8)]
     ib = _B62_LUT[np.frombuffer(b.encode("ascii", "replace"), np.uint8)]
     go, ge = gap_open + gap_extend, gap_extend
@@ -229,7 +232,7 @@ class TemplateFeaturizer:
                  query_date_gap_days: int = 60, deduplicate: bool = False,
                  release_dates: Mapping[str, str] | None = None,
                  obsolete_pdbs: Mapping[str, str | None] | None = None,
-                 mmcif_path_fn: Callable[[str], Path | None] | None = None, cache_size: int = 32):
+                 mmcif_path_fn: Callable[[str], Path | None] | None = None, cache_size: int = 16):
         dirs = [mmcif_dir] if isinstance(mmcif_dir, (str, Path)) else list(mmcif_dir)
         self.mmcif_dirs = [Path(d) for d in dirs]
         self.max_hits = max_hits
@@ -243,7 +246,8 @@ class TemplateFeaturizer:
         self.release_dates = {k.lower(): v for k, v in (release_dates or {}).items()}
         self.obsolete_pdbs = {k.lower(): (v.lower() if v else None) for k, v in (obsolete_pdbs or {}).items()}
         self.mmcif_path_fn = mmcif_path_fn
-        self._cache: OrderedDict[str, _Template | _Reject] = OrderedDict()
+        self._cache: OrderedDict[str, _Template] = OrderedDict()  # LRU of parsed template entries
+        self._missing: dict[str, _Reject] = {}  # entries without a usable file
         self._cache_size = cache_size
 
     # --------------------------------------------------------------------------------- files
@@ -258,14 +262,19 @@ class TemplateFeaturizer:
         return None
 
     def _load(self, pdb_id: str) -> _Template:
-        if pdb_id in self._cache:
+        if pdb_id in self._missing:
+            item = self._missing[pdb_id]
+        elif pdb_id in self._cache:
             self._cache.move_to_end(pdb_id)
             item = self._cache[pdb_id]
         else:
             item = self._parse(pdb_id)
-            self._cache[pdb_id] = item
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            if isinstance(item, _Reject):  # small; remembered for the featurizer's lifetime
+                self._missing[pdb_id] = item
+            else:
+                self._cache[pdb_id] = item
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         if isinstance(item, _Reject):
             raise item
         return item
@@ -374,8 +383,7 @@ class TemplateFeaturizer:
             chain, q_idx, t_idx, letters = self._locate_segment(tpl, chain_id, segment, pairs, hit, warnings)
         else:
             chain, q_idx, t_idx = self._locate_by_coordinates(query, tpl, chain_id, pairs, hit)
-            self._check_segment(query, chain.sequence[hit.hit_start:hit.hit_end] if pairs is not None
-                                else chain.sequence[t_idx.min():t_idx.max() + 1])
+            self._check_segment(query, chain.sequence[int(t_idx.min()):int(t_idx.max()) + 1])
             letters = None
         seq_letters = np.array(["-"] * L, dtype="<U1")
         if letters is None:
@@ -436,7 +444,10 @@ class TemplateFeaturizer:
             if m:
                 return chain, pairs[:, 0], pairs[:, 1] + m.start(), [segment[t] for t in pairs[:, 1]]
         chain = self._resolve_chain(tpl, chain_id)
-        aln = align_sequences(segment, chain.sequence)
+        try:
+            aln = align_sequences(segment, chain.sequence)
+        except ValueError as e:
+            raise _Reject("alignment_failure", str(e)) from None
         same = sum(segment[i] == chain.sequence[j] for i, j in aln)
         shorter = min(len(segment), len(chain.sequence))
         if not aln or same / shorter < self.min_realign_identity:
@@ -478,7 +489,10 @@ class TemplateFeaturizer:
         windows.append((0, len(seqres)))
         best = None
         for t0, t1 in windows:
-            aln = align_sequences(q_seg, seqres[t0:t1])
+            try:
+                aln = align_sequences(q_seg, seqres[t0:t1])
+            except ValueError as e:
+                raise _Reject("alignment_failure", str(e)) from None
             if not aln:
                 continue
             same = sum(q_seg[i] == seqres[t0 + j] for i, j in aln)

@@ -173,11 +173,11 @@ def _broken(text: str, old: str, new: str) -> str:
 
 
 @pytest.mark.parametrize("old,new,line", [
-    ("T 2CRB_A           32 EEAISCHRKATTYLSEAMKL   51 (97)", "T 2CRB_A           32 EEAISCHRKATTYLSEAMK   51 (97)", 43),
-    ("Q query            11 HKAAEHHEQAAKHHHAAAEH   30 (73)", "Q query            11 HKAAEHHEQAAKHHHAAAEH   31 (73)", 38),
-    ("Probab=6.35", "Prob=6.35", 35),
-    (">2CRB_A nuclear", "2CRB_A nuclear", 34),
-    ("No 2\n", "No two\n", 33),
+    ("T 2CRB_A           32 EEAISCHRKATTYLSEAMKL   51 (97)", "T 2CRB_A           32 EEAISCHRKATTYLSEAMK   51 (97)", 43),  # 19 residues
+    ("Q query            11 HKAAEHHEQAAKHHHAAAEH   30 (73)", "Q query            11 HKAAEHHEQAAKHHHAAAEH   31 (73)", 39),
+    ("Probab=6.35", "Prob=6.35", 37),
+    (">2CRB_A nuclear", "2CRB_A nuclear", 36),
+    ("No 2\n", "No two\n", 35),
 ])
 def test_malformed_hhr_raises_with_file_and_line(tmp_path, old, new, line):
     path = tmp_path / "broken.hhr"
@@ -242,8 +242,9 @@ def test_parse_m8_openfold3_vector():
         assert [h.has_alignment for h in hits] == [cols is None] * 2
     g = parse_m8(text, query)[1]  # 229M1I17M: query residue 236 (1-based) faces a template gap
     assert g.indices_query[229] == 235 and g.indices_hit[229] == -1
-    with_seq = parse_m8(text, query, target_sequences={"7cnz_G": "X" + query[6:235] + query[236:]})[1]
-    assert with_seq.hit_sequence[229] == "-" and with_seq.template_segment == query[6:235] + query[236:]
+    tseq = query[6:235] + query[236:]  # 7cnz_G = query 7-253 without residue 236
+    with_seq = parse_m8(text, query, target_sequences={"7cnz_G": tseq})[1]
+    assert with_seq.hit_sequence[229] == "-" and with_seq.template_segment == tseq
 
 
 @pytest.mark.parametrize("line,msg", [
