@@ -23,6 +23,9 @@ Deviations from OpenFold, all deliberate:
 from __future__ import annotations
 
 import math
+import threading
+import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,17 +36,28 @@ from foldforge.data import residue_constants as rc
 
 NUM_MSA_CLASSES = 23  # 20 amino acids, X, gap, mask token
 _AGREE_CLASSES = 21   # classes that carry weight in the nearest-neighbour agreement (gap/mask do not)
+_ONE = torch.ones(1, dtype=torch.float32)
 
 # 2/pi * arctan(d / 3) for every uint16 deletion count (AF2 Suppl. 1.2.9 deletion_value).
 DELETION_VALUE_LUT = (np.arctan(np.arange(65536, dtype=np.float64) / 3.0) * (2.0 / np.pi)).astype(np.float32)
 
 
 def deletion_value(d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """2/pi * arctan(d / 3) of a uint16 deletion array (table lookup, float32)."""
+    """2/pi * arctan(d / 3) of a uint16 deletion array (float32; table lookup at the nonzero entries,
+    which are a few percent of a real MSA)."""
     d = np.asarray(d)
     if d.dtype != np.uint16:
         d = np.clip(d, 0, 65535).astype(np.uint16)
-    return np.take(DELETION_VALUE_LUT, d, out=out, mode="clip")
+    if out is None:
+        out = np.empty(d.shape, np.float32)
+    out[...] = 0.0
+    nz = np.flatnonzero(d > 0)
+    if nz.size:
+        if out.flags.c_contiguous and d.flags.c_contiguous:
+            out.reshape(-1)[nz] = DELETION_VALUE_LUT[d.reshape(-1)[nz]]
+        else:
+            out[...] = DELETION_VALUE_LUT[d]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +98,8 @@ def sample_rows(rows: np.ndarray, max_clusters: int, max_extra: int,
 # --------------------------------------------------------------------------------------------------
 
 
-def mask_msa(true_msa: np.ndarray, profile_column: callable, cfg: DataConfig,
+def mask_msa(true_msa: np.ndarray, profile_column: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+             cfg: DataConfig,
              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """AF2 Suppl. 1.2.7 / OpenFold ``make_masked_msa`` on the cluster centres.
 
@@ -159,7 +174,13 @@ def _int8_matmul(a: np.ndarray, b_t: np.ndarray) -> np.ndarray:
     return (a.astype(np.float32) @ b_t.astype(np.float32).T).astype(np.int32)  # pragma: no cover
 
 
-def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray) -> np.ndarray:
+def column_class_keys(rows: np.ndarray) -> np.ndarray:
+    """int32 ``j * 23 + rows[:, j]``: the (column, class) id of every entry of an int8 [N, L] MSA."""
+    return np.arange(rows.shape[1], dtype=np.int32) * NUM_MSA_CLASSES + rows
+
+
+def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray, *,
+                      extra_keys: np.ndarray | None = None) -> np.ndarray:
     """Exact agreement counts, equal to :func:`_agreement_reference`: int32 [N_extra, N_clust].
 
     The count product ``[E, L*21] x [L*21, C]`` is split by class:
@@ -173,7 +194,8 @@ def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray
       (extra row, column) entry. Sums are integers <= L, exact in float16 up to 2048 (float32 is
       used for longer crops).
 
-    ``query`` only chooses the split; the result does not depend on it.
+    ``query`` only chooses the split; the result does not depend on it. ``extra_keys`` may pass
+    :func:`column_class_keys` of ``extras`` when the caller has it already.
     """
     centres = np.asarray(centres, dtype=np.int8)
     extras = np.asarray(extras, dtype=np.int8)
@@ -190,32 +212,62 @@ def cluster_agreement(centres: np.ndarray, extras: np.ndarray, query: np.ndarray
     np.equal(extras, query, out=xq[:n_e, :n_res].view(np.bool_))
     cq = np.zeros((ncp, lp), dtype=np.int8)
     np.logical_and(centres == query, centre_ok, out=cq[:n_c, :n_res].view(np.bool_))
-    agree = np.ascontiguousarray(_int8_matmul(xq, cq)[:n_e, :n_c])
+    agree = torch.from_numpy(_int8_matmul(xq, cq))[:n_e, :n_c]
 
     # (2) every other residue class: embedding-bag over a (column, class) -> centres table
     rest = (extras != query) & (extras < _AGREE_CLASSES)
     base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
-    keys = np.compress(rest.reshape(-1), (base + extras).reshape(-1))  # int32 row ids, by extra row
+    if extra_keys is None:
+        extra_keys = base + extras
+    keys = np.compress(rest.reshape(-1), extra_keys.reshape(-1))  # int32 table rows, by extra row
     if keys.size:
         n_rows = n_res * NUM_MSA_CLASSES
-        dtype = np.float16 if n_res <= 2048 else np.float32
-        table = np.zeros((n_rows + 1) * ncp, dtype=dtype)  # row n_rows: sink for unused entries
-        flat = (base + centres) * ncp + np.arange(n_c, dtype=np.int32)[:, None]
-        flat[~(centre_ok & (centres != query))] = n_rows * ncp
-        table[flat.reshape(-1)] = 1
-        offsets = np.zeros(n_e, dtype=np.int32)
-        np.cumsum(rest.view(np.uint8).sum(axis=1, dtype=np.int32)[:-1], out=offsets[1:])
-        bag = F.embedding_bag(torch.from_numpy(keys), torch.from_numpy(table.reshape(n_rows + 1, ncp)),
-                              torch.from_numpy(offsets), mode="sum")
-        agree += bag[:, :n_c].float().numpy().astype(np.int32)
-    return agree
+        half = n_res <= 2048
+        table = _zeroed_scratch((n_rows + 1) * ncp, np.float16 if half else np.float32)
+        one = _FP16_ONE_BITS if half else _FP32_ONE_BITS
+        # column-major order (j outer, centre inner) keeps the scattered writes local
+        cent_t = np.ascontiguousarray(centres.T)
+        flat = (base[:, None] + cent_t).astype(np.int64) * ncp + np.arange(n_c)
+        flat[~((cent_t < _AGREE_CLASSES) & (cent_t != query[:, None]))] = n_rows * ncp  # sink row
+        bits = torch.from_numpy(table.view(np.int16 if half else np.int32))
+        try:
+            bits.index_fill_(0, torch.from_numpy(flat.reshape(-1)), one)  # integer view: fast scatter
+            offsets = np.zeros(n_e, dtype=np.int32)
+            np.cumsum(rest.view(np.uint8).sum(axis=1, dtype=np.int32)[:-1], out=offsets[1:])
+            bag = F.embedding_bag(torch.from_numpy(keys), torch.from_numpy(table.reshape(n_rows + 1, ncp)),
+                                  torch.from_numpy(offsets), mode="sum")
+            agree = agree.float().add_(bag[:, :n_c].float())
+        finally:
+            table.fill(0)  # hand the scratch table back zeroed (a warm memset beats a scatter)
+    return agree.to(torch.int32).numpy()
 
 
-def assign_clusters(centres: np.ndarray, extras: np.ndarray, query: np.ndarray) -> np.ndarray:
+_FP16_ONE_BITS = int(np.float16(1.0).view(np.int16))
+_FP32_ONE_BITS = int(np.float32(1.0).view(np.int32))
+_SCRATCH = threading.local()
+
+
+def _zeroed_scratch(size: int, dtype) -> np.ndarray:
+    """A zero-filled 1-D array reused across calls of this thread (saves a large memset and its
+    page faults per call); the caller must zero again whatever it writes."""
+    cache = getattr(_SCRATCH, "arrays", None)
+    if cache is None:
+        cache = _SCRATCH.arrays = {}
+    key = (size, np.dtype(dtype).str)
+    arr = cache.get(key)
+    if arr is None:
+        if len(cache) >= 4:
+            cache.clear()
+        arr = cache[key] = np.zeros(size, dtype=dtype)
+    return arr
+
+
+def assign_clusters(centres: np.ndarray, extras: np.ndarray, query: np.ndarray, *,
+                    extra_keys: np.ndarray | None = None) -> np.ndarray:
     """Index of the centre with maximal agreement for each extra row (first on ties), int64 [E]."""
     if extras.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    return np.argmax(cluster_agreement(centres, extras, query), axis=1)
+    return np.argmax(cluster_agreement(centres, extras, query, extra_keys=extra_keys), axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +277,8 @@ def assign_clusters(centres: np.ndarray, extras: np.ndarray, query: np.ndarray) 
 
 def summarize_clusters(centres: np.ndarray, centre_del: np.ndarray, extras: np.ndarray,
                        extra_del: np.ndarray, assignment: np.ndarray,
-                       profile_out: np.ndarray, deletion_mean_out: np.ndarray) -> None:
+                       profile_out: np.ndarray, deletion_mean_out: np.ndarray, *,
+                       extra_keys: np.ndarray | None = None) -> None:
     """OpenFold ``summarize_clusters`` (+ ``make_msa_feat``'s arctan) into the given outputs.
 
     ``profile_out`` float32 [C, L, 23] receives the normalised class counts of each centre
@@ -238,15 +291,21 @@ def summarize_clusters(centres: np.ndarray, centre_del: np.ndarray, extras: np.n
     size = np.bincount(assignment, minlength=n_c)[:n_c]
     inv = (1.0 / (1.0 + size)).astype(np.float32)
 
-    # class counts: one bincount over (cluster, column, class) keys of the extra rows and centres
+    # class counts over (cluster, column, class) keys of the extra rows and the centres
     stride = n_res * NUM_MSA_CLASSES
     base = np.arange(n_res, dtype=np.int32) * NUM_MSA_CLASSES
     keys = np.empty((n_e + n_c, n_res), dtype=np.int32)
-    np.add((assignment.astype(np.int32) * stride)[:, None], base + extras, out=keys[:n_e])
+    np.add((assignment.astype(np.int32) * stride)[:, None], base + extras if extra_keys is None else extra_keys,
+           out=keys[:n_e])
     np.add((np.arange(n_c, dtype=np.int32) * stride)[:, None], base + centres, out=keys[n_e:])
-    counts = np.bincount(keys.reshape(-1), minlength=n_c * stride)
-    counts = counts.astype(np.int16 if n_e < 32767 else np.int32)
-    np.multiply(counts.reshape(n_c, n_res, NUM_MSA_CLASSES), inv[:, None, None], out=profile_out)
+    prof = profile_out if profile_out.flags.c_contiguous else np.empty(profile_out.shape, np.float32)
+    flat = torch.from_numpy(prof).view(-1)
+    flat.zero_()
+    # integer counts accumulated in float32 (exact), then scaled in place: no large temporaries
+    flat.index_add_(0, torch.from_numpy(keys.reshape(-1)), _ONE.expand(keys.size))
+    np.multiply(prof, inv[:, None, None], out=prof)
+    if prof is not profile_out:
+        profile_out[...] = prof
 
     # deletion sums per cluster (row-wise index_add; float32 holds these integer sums exactly)
     del_sum = torch.from_numpy(centre_del.astype(np.float32))
@@ -281,6 +340,7 @@ def sample_msa_copy(msa: np.ndarray, deletion_matrix: np.ndarray, cols, query: n
     rows = block_delete_rows(n_seq, cfg, rng) if block_delete else np.arange(n_seq)
     centres_idx, extras_idx = sample_rows(rows, cfg.max_msa_clusters, cfg.max_extra_msa, rng)
     n_c, n_e = centres_idx.shape[0], extras_idx.shape[0]
+    tick("msa_rows")
     true_c = _take(msa, centres_idx, cols)
     del_c = _take(deletion_matrix, centres_idx, cols)
     extras = _take(msa, extras_idx, cols)
@@ -297,18 +357,21 @@ def sample_msa_copy(msa: np.ndarray, deletion_matrix: np.ndarray, cols, query: n
             return msa[g.integers(0, n_seq, size=c.shape[0]), cols[c]]
 
     masked, bert = mask_msa(true_c, profile_column, cfg, rng)
+    tick("mask_msa")
     out["msa"][r, :n_c, :n_res] = masked
     out["true_msa"][r, :n_c, :n_res] = true_c
     out["bert_mask"][r, :n_c, :n_res] = bert
     out["msa_mask"][r, :n_c, :n_res] = 1.0
     np.greater(del_c, 0, out=out["msa_has_deletion"][r, :n_c, :n_res])
     deletion_value(del_c, out=out["msa_deletion_value"][r, :n_c, :n_res])
-    tick("mask_msa")
+    tick("msa_features")
 
-    assignment = assign_clusters(masked, extras, query)
+    extra_keys = column_class_keys(extras)
+    assignment = assign_clusters(masked, extras, query, extra_keys=extra_keys)
     tick("agreement")
     summarize_clusters(masked, del_c, extras, del_e, assignment,
-                       out["cluster_profile"][r, :n_c, :n_res], out["cluster_deletion_mean"][r, :n_c, :n_res])
+                       out["cluster_profile"][r, :n_c, :n_res], out["cluster_deletion_mean"][r, :n_c, :n_res],
+                       extra_keys=extra_keys)
     tick("cluster_summary")
 
     if n_e:
@@ -333,12 +396,10 @@ class _Ticker:
     def __init__(self, timer: dict | None):
         self.timer = timer
         if timer is not None:
-            import time
-            self._clock = time.perf_counter
-            self.t = self._clock()
+            self.t = time.perf_counter()
 
     def __call__(self, name: str) -> None:
         if self.timer is not None:
-            t = self._clock()
+            t = time.perf_counter()
             self.timer[name] = self.timer.get(name, 0.0) + (t - self.t)
             self.t = t

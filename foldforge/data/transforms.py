@@ -40,9 +40,7 @@ from foldforge.data.msa_sampling import NUM_MSA_CLASSES, sample_msa_copy
 
 _CA = rc.atom_order["CA"]
 
-# Record keys consumed by name; every other array with ndim >= 1 is a residue-axis-first target.
-_MSA_KEYS = ("msa", "deletion_matrix")
-_TEMPLATE_KEYS = ("template_aatype", "template_all_atom_positions", "template_all_atom_mask")
+# Template masks that become float32 (every other template array keeps its dtype, uint8/bool -> float32).
 _TEMPLATE_FLOAT_MASKS = ("template_all_atom_mask",)
 
 
@@ -196,6 +194,9 @@ def make_af2_batch(record: Mapping[str, np.ndarray], cfg: DataConfig, rng: np.ra
       all_atom_positions f32 [Lc, 37, 3], all_atom_mask f32 [Lc, 37], and every other residue-axis
       array of the record (ground-truth targets) cropped and padded on axis 0 with its own dtype,
       except 0/1 uint8/bool masks and flags, which become float32.
+
+    Other ``msa*`` / ``deletion_matrix*`` arrays, template arrays with fewer than 2 dims (besides
+    ``template_sum_probs``), non-numeric arrays and scalars other than ``resolution`` are ignored.
     """
     t_start = time.perf_counter()
     stages: dict | None = {} if timer is not None else None
@@ -213,11 +214,12 @@ def make_af2_batch(record: Mapping[str, np.ndarray], cfg: DataConfig, rng: np.ra
     for key, value in record.items():
         if key == "resolution" or _is_msa_key(key) or key.startswith("template_"):
             continue
-        if not isinstance(value, np.ndarray) or value.ndim == 0:
+        if not isinstance(value, np.ndarray) or value.ndim == 0 or value.dtype.kind not in "biuf":
             continue
         if value.shape[0] != num_res_full:
             raise ValueError(f"make_af2_batch: {key} has {value.shape[0]} residues, aatype has {num_res_full}")
-        dtype = np.float32 if value.dtype in (np.uint8, np.bool_) or key == "all_atom_mask" else value.dtype
+        as_f32 = value.dtype in (np.uint8, np.bool_) or key in ("all_atom_positions", "all_atom_mask")
+        dtype = np.float32 if as_f32 else value.dtype
         out[key] = _crop_pad(value, 0, sel, padded, dtype)
     out["aatype"] = out["aatype"].astype(np.int8, copy=False)
     if "residue_index" in out:
@@ -246,6 +248,8 @@ def make_af2_batch(record: Mapping[str, np.ndarray], cfg: DataConfig, rng: np.ra
     for key, value in record.items():
         if not key.startswith("template_") or key == "template_sum_probs" or not isinstance(value, np.ndarray):
             continue
+        if value.ndim < 2 or value.dtype.kind not in "biuf":
+            continue  # per-template metadata (names, ...) is not a model input
         dtype = np.float32 if (key in _TEMPLATE_FLOAT_MASKS or value.dtype in (np.uint8, np.bool_)) else value.dtype
         if key == "template_aatype":
             dtype = np.int8

@@ -31,9 +31,9 @@ def test_sample_prepares_every_chain(sample_cache, capsys):
     assert code == 0 and info["failed"] == 0 and info["corrupt"] == []
     cache = FeatureCache(sample_cache)
     ids = set(cache.ids())
-    # 7 PDB entries (11 protein chains) with MSAs + 2 PSICOV domains in single-sequence mode
+    # 7 PDB entries (10 protein chains) with MSAs + 2 PSICOV domains in single-sequence mode
     assert {"4zey_A", "2q2k_A", "2q2k_B", "3u8v_A", "1psm_A", "1aap_A", "1c52_A"} <= ids
-    assert info["records"] == len(ids) == 13
+    assert info["records"] == len(ids) == 12
     assert info["skipped_non_protein"] >= 1  # the DNA chains of 2q2k
     by_id = {e["id"]: e for e in cache.entries}
     assert by_id["1aap_A"]["msa_depth"] == 1 and by_id["4zey_A"]["msa_depth"] > 100
@@ -45,7 +45,7 @@ def test_rerun_skips_up_to_date_records(sample_cache, capsys):
     before = {p: p.stat().st_mtime_ns for p in sample_cache.rglob("*.ffr")}
     capsys.readouterr()
     assert main(["prepare", "--out", str(sample_cache), "--quiet", "--workers", "1"]) == 0
-    assert "(13 already up to date)" in capsys.readouterr().out
+    assert "(12 already up to date)" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in sample_cache.rglob("*.ffr")}
 
 
