@@ -93,6 +93,8 @@ def _bench_parser(sub) -> None:
     d.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help="cache directory")
     d.add_argument("--preset", default="af2_initial", help="data shapes (default af2_initial = MLPerf)")
     d.add_argument("--samples", type=int, default=50, help="timed samples per record (default 50)")
+    d.add_argument("--msa-chain", action="append", default=[], metavar="DIR",
+                   help="also time a record built from an AF2-layout MSA directory alone (repeatable)")
     d.add_argument("--results", default="benchmarks/results/data_pipeline.jsonl",
                    help="JSONL file the measurement is appended to")
 
@@ -100,7 +102,8 @@ def _bench_parser(sub) -> None:
 def _cmd_bench(args) -> int:
     from foldforge.bench.data import run_data_benchmark
 
-    run_data_benchmark(args.data, args.preset, samples=args.samples, results=Path(args.results))
+    run_data_benchmark(args.data, args.preset, samples=args.samples, results=Path(args.results),
+                       msa_chains=tuple(Path(d) for d in args.msa_chain))
     return 0
 
 

@@ -41,6 +41,20 @@ def check_msa_matches(chain_seq: str, msa: MSA, *, source: str, max_mismatch: fl
                            f"positions (limit {max_mismatch:.0%})")
 
 
+def sequence_only(sequence: str, name: str, chain_id: str = "A") -> tuple[Structure, ProteinChain]:
+    """A chain known only by its sequence (prediction inputs, MSA-only benchmarks): no observed atoms."""
+    n = len(sequence)
+    chain = ProteinChain(
+        chain_id=chain_id, entity_id="1", sequence=sequence, aatype=rc.sequence_to_aatype(sequence),
+        residue_index=np.arange(n, dtype=np.int32), author_resnum=np.arange(1, n + 1, dtype=np.int32),
+        insertion_code=np.full(n, "", dtype="<U1"),
+        all_atom_positions=np.zeros((n, rc.atom_type_num, 3), np.float32),
+        all_atom_mask=np.zeros((n, rc.atom_type_num), np.uint8))
+    structure = Structure(pdb_id=name, path="", resolution=math.nan, release_date=None, method="sequence",
+                          chains={chain_id: chain})
+    return structure, chain
+
+
 def empty_templates(num_res: int) -> dict[str, np.ndarray]:
     return {
         "template_aatype": np.zeros((0, num_res), np.int8),
