@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from foldforge.data import residue_constants as rc
+from foldforge.data.msa import parse_a3m
 from foldforge.data.batch import AF2Batch, collate
 from foldforge.data.msa_sampling import (
     _agreement_reference, block_delete_rows, cluster_agreement, mask_msa, summarize_clusters,
@@ -43,31 +44,8 @@ def real_msa() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_a3m(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from foldforge.data.msa import parse_a3m
-    except ImportError:  # pragma: no cover - the colleague's parser is not there yet
-        parse_a3m = None
-    if parse_a3m is not None:
-        m = parse_a3m(path.read_bytes(), source=str(path))
-        return m.aatype, m.deletions
-    rows, dels, seq = [], [], None
-    for line in path.read_text().splitlines() + [">"]:
-        if line.startswith(">"):
-            if seq is not None:
-                aligned, d, count = [], [], 0
-                for ch in seq:
-                    if ch.islower():
-                        count += 1
-                    else:
-                        aligned.append(ch)
-                        d.append(count)
-                        count = 0
-                rows.append(rc.sequence_to_aatype("".join(aligned)))
-                dels.append(d)
-            seq = ""
-        elif seq is not None:
-            seq += line.strip()
-    return np.stack(rows), np.asarray(dels, dtype=np.uint16)
+    m = parse_a3m(path.read_bytes(), source=str(path))
+    return m.aatype, m.deletions
 
 
 def make_record(num_res: int | None = None, depth: int | None = None, num_templates: int = 3,
