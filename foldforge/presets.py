@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from foldforge.config import DataConfig, RunConfig
+from foldforge.config import (DataConfig, EvoformerConfig, HeadsConfig, LossConfig, ModelConfig, RunConfig,
+                              StructureConfig, TemplateConfig)
 
 
 def af2_initial() -> RunConfig:
@@ -11,16 +12,36 @@ def af2_initial() -> RunConfig:
     return RunConfig(name="af2_initial", data=DataConfig())
 
 
+def af2_finetune() -> RunConfig:
+    """AF2 fine-tuning (AF2 Suppl. Table 4): crop 384, N_clust 512, N_extra 5120, violation loss on."""
+    return RunConfig(
+        name="af2_finetune",
+        data=DataConfig(crop_size=384, max_msa_clusters=512, max_extra_msa=5120),
+        loss=LossConfig(violation_weight=1.0, experimentally_resolved_weight=0.01),
+    )
+
+
 def tiny_af2() -> RunConfig:
-    """Small shapes for CPU tests and the demo on the bundled sample."""
+    """The AF2 architecture with few blocks and narrow channels: CPU tests and the demo (trains on CPU)."""
     return RunConfig(
         name="tiny_af2",
         data=DataConfig(crop_size=64, max_msa_clusters=16, max_extra_msa=32, max_templates=2,
                         max_recycling_iters=1),
+        model=ModelConfig(
+            c_m=32, c_z=16, c_s=32, c_e=16,
+            evoformer=EvoformerConfig(num_blocks=2, msa_heads=4, msa_head_dim=8, pair_heads=2, pair_head_dim=8,
+                                      tri_mul_dim=16, opm_dim=8, transition_n=2),
+            extra_msa=EvoformerConfig(num_blocks=1, msa_heads=4, msa_head_dim=4, global_column_attention=True,
+                                      pair_heads=2, pair_head_dim=8, tri_mul_dim=16, opm_dim=8, transition_n=2),
+            template=TemplateConfig(c_t=16, num_blocks=1, tri_att_heads=2, tri_att_dim=8, tri_mul_dim=16,
+                                    pointwise_heads=2, pointwise_dim=8),
+            structure=StructureConfig(num_blocks=2, c_ipa=8, ipa_heads=4, qk_points=4, v_points=4, c_resnet=16),
+            heads=HeadsConfig(plddt_hidden=16),
+        ),
     )
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {f.__name__: f for f in (af2_initial, tiny_af2)}
+PRESETS: dict[str, Callable[[], RunConfig]] = {f.__name__: f for f in (af2_initial, af2_finetune, tiny_af2)}
 
 
 def get_preset(name: str) -> RunConfig:
