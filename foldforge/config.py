@@ -32,6 +32,8 @@ class DataConfig:
     # recycling: one independently sampled MSA per recycling iteration (resample_msa_in_recycling)
     max_recycling_iters: int = 3
     resample_msa_in_recycling: bool = True
+    # probability that a training sample's backbone FAPE is clamped (AF2 Suppl. 1.11.5)
+    clamped_fape_prob: float = 0.9
     # cropping: contiguous by default; with this probability a spatial crop around a random residue
     spatial_crop_prob: float = 0.0
     # AF2 Suppl. 1.2.5 sampling weights: max(min(L, 512), 256) / 512 / cluster size
@@ -164,7 +166,6 @@ class LossConfig:
     fape_backbone_weight: float = 0.5
     fape_sidechain_weight: float = 0.5
     fape_clamp_distance: float = 10.0
-    fape_clamp_prob: float = 0.9
     fape_length_scale: float = 10.0
     chi_weight: float = 1.0
     chi_angle_weight: float = 0.5

@@ -46,6 +46,11 @@ class AF2Batch:
       template_all_atom_mask       float32 [T, L, 37]
       template_mask                float32 [T]            1 for real templates
       template_sum_probs           float32 [T]
+      template_pseudo_beta         float32 [T, L, 3]      (+ _mask [T, L]) CB, or CA for glycine
+      template_backbone_frame      float32 [T, L, 4, 4]   (+ _mask [T, L]) N-CA-C frame (Alg. 21)
+      template_torsion_angles_sin_cos, template_alt_torsion_angles_sin_cos  float32 [T, L, 7, 2]
+      template_torsion_angles_mask float32 [T, L, 7]
+      use_clamped_fape             float32 []             1: clamp backbone FAPE this sample (p = 0.9)
     Structure
       all_atom_positions           float32 [L, 37, 3]
       all_atom_mask                float32 [L, 37]
@@ -93,8 +98,16 @@ class AF2Batch:
     template_all_atom_mask: torch.Tensor
     template_mask: torch.Tensor
     template_sum_probs: torch.Tensor
+    use_clamped_fape: torch.Tensor
     all_atom_positions: torch.Tensor
     all_atom_mask: torch.Tensor
+    template_pseudo_beta: Optional[torch.Tensor] = None
+    template_pseudo_beta_mask: Optional[torch.Tensor] = None
+    template_backbone_frame: Optional[torch.Tensor] = None
+    template_backbone_frame_mask: Optional[torch.Tensor] = None
+    template_torsion_angles_sin_cos: Optional[torch.Tensor] = None
+    template_alt_torsion_angles_sin_cos: Optional[torch.Tensor] = None
+    template_torsion_angles_mask: Optional[torch.Tensor] = None
     atom14_gt_positions: Optional[torch.Tensor] = None
     atom14_gt_exists: Optional[torch.Tensor] = None
     atom14_atom_exists: Optional[torch.Tensor] = None

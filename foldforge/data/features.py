@@ -14,7 +14,7 @@ import numpy as np
 from foldforge.data import residue_constants as rc
 from foldforge.data.mmcif import ProteinChain, Structure
 from foldforge.data.msa import MSA
-from foldforge.data.targets import make_targets
+from foldforge.data.targets import make_targets, pseudo_beta_targets, rigid_group_targets, torsion_angle_targets
 
 
 class FeatureError(ValueError):
@@ -64,12 +64,42 @@ def empty_templates(num_res: int) -> dict[str, np.ndarray]:
     }
 
 
+TEMPLATE_GEOMETRY = {  # name -> (source key in targets.py output, per-residue shape, dtype)
+    "template_pseudo_beta": ("pseudo_beta", (3,), np.float32),
+    "template_pseudo_beta_mask": ("pseudo_beta_mask", (), np.uint8),
+    "template_backbone_frame": ("rigidgroups_gt_frames", (4, 4), np.float32),
+    "template_backbone_frame_mask": ("rigidgroups_gt_exists", (), np.uint8),
+    "template_torsion_angles_sin_cos": ("torsion_angles_sin_cos", (7, 2), np.float32),
+    "template_alt_torsion_angles_sin_cos": ("alt_torsion_angles_sin_cos", (7, 2), np.float32),
+    "template_torsion_angles_mask": ("torsion_angles_mask", (7,), np.uint8),
+}
+
+
+def template_geometry(templates: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-template geometry the template embedder reads (AF2 Suppl. 1.7.1, Table 1): pseudo-beta,
+    backbone frame and torsion angles, computed once at prepare time from the template atoms."""
+    aatype, pos, mask = (templates[k] for k in ("template_aatype", "template_all_atom_positions",
+                                                 "template_all_atom_mask"))
+    num_t, num_res = aatype.shape
+    out = {k: np.zeros((num_t, num_res) + shape, dtype) for k, (_, shape, dtype) in TEMPLATE_GEOMETRY.items()}
+    for t in range(num_t):
+        aa = np.minimum(aatype[t], rc.UNK_ID)  # unaligned (gap) positions have no atoms: treat as unknown
+        geo = {**pseudo_beta_targets(aa, pos[t], mask[t]), **torsion_angle_targets(aa, pos[t], mask[t])}
+        frames = rigid_group_targets(aa, pos[t], mask[t])
+        geo["rigidgroups_gt_frames"] = frames["rigidgroups_gt_frames"][:, 0]   # backbone group only
+        geo["rigidgroups_gt_exists"] = frames["rigidgroups_gt_exists"][:, 0]
+        for key, (src, _, dtype) in TEMPLATE_GEOMETRY.items():
+            out[key][t] = geo[src].astype(dtype)
+    return out
+
+
 def build_record(structure: Structure, chain: ProteinChain, msa: MSA,
                  templates: dict[str, np.ndarray] | None = None,
                  template_meta: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Arrays and metadata of one chain record (schema in docs/design.md)."""
     num_res = chain.num_residues
     templates = templates if templates is not None else empty_templates(num_res)
+    templates = {**templates, **template_geometry(templates)}
     for key, arr in templates.items():
         if key != "template_sum_probs" and arr.shape[1] != num_res:
             raise FeatureError(f"{structure.pdb_id}_{chain.chain_id}: {key} has {arr.shape[1]} residues, "

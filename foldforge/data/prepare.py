@@ -186,6 +186,9 @@ def prepare_structure(path: Path, opts: PrepareOptions, clusters: dict[str, str]
             result.entries.append(_chain_job(structure, chain, opts, record_id, out, key, clusters))
         except (FeatureError, MSAError, StructureError, ValueError, OSError) as e:
             result.failed.append({"input": str(path), "chain": chain_id, "reason": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # a bug, not bad input: report it per chain instead of losing the whole run
+            result.failed.append({"input": str(path), "chain": chain_id,
+                                  "reason": f"internal error {type(e).__name__}: {e} (please report)"})
     return result
 
 

@@ -191,6 +191,7 @@ def make_af2_batch(record: Mapping[str, np.ndarray], cfg: DataConfig, rng: np.ra
       f32 [R, N_e, Lc];
       template_aatype int8 [T, Lc], template_all_atom_positions f32 [T, Lc, 37, 3],
       template_all_atom_mask f32 [T, Lc, 37], template_mask f32 [T], template_sum_probs f32 [T];
+      use_clamped_fape f32 [] (1 = clamp the backbone FAPE of this sample);
       all_atom_positions f32 [Lc, 37, 3], all_atom_mask f32 [Lc, 37], and every other residue-axis
       array of the record (ground-truth targets) cropped and padded on axis 0 with its own dtype,
       except 0/1 uint8/bool masks and flags, which become float32.
@@ -289,6 +290,10 @@ def make_af2_batch(record: Mapping[str, np.ndarray], cfg: DataConfig, rng: np.ra
         if stages is not None:
             stages["msa_padding"] = stages.get("msa_padding", 0.0) + time.perf_counter() - t0
     out.update(per_row)
+    # AF2 Suppl. 1.11.5: backbone FAPE is clamped for 90% of training samples (drawn last so the
+    # earlier stages see the same random stream whatever this probability is)
+    clamp = rng.random() < cfg.clamped_fape_prob if train else True
+    out["use_clamped_fape"] = np.array(1.0 if clamp else 0.0, dtype=np.float32)
     if timer is not None:
         for k, v in stages.items():
             timer[k] = timer.get(k, 0.0) + v

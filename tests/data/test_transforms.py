@@ -90,7 +90,7 @@ def expected_spec(cfg, padded: int, with_targets: bool = True) -> dict[str, tupl
     R, Nc, Ne, T, L = cfg.num_recycle_copies, cfg.max_msa_clusters, cfg.max_extra_msa, cfg.max_templates, padded
     spec = {
         "aatype": ((L,), np.int8), "residue_index": ((L,), np.int32), "seq_mask": ((L,), np.float32),
-        "seq_length": ((), np.int32), "resolution": ((), np.float32),
+        "seq_length": ((), np.int32), "resolution": ((), np.float32), "use_clamped_fape": ((), np.float32),
         "msa": ((R, Nc, L), np.int8), "true_msa": ((R, Nc, L), np.int8),
         "bert_mask": ((R, Nc, L), np.float32), "msa_mask": ((R, Nc, L), np.float32),
         "msa_has_deletion": ((R, Nc, L), np.float32), "msa_deletion_value": ((R, Nc, L), np.float32),
@@ -412,3 +412,11 @@ def test_af2batch_zero_copy_collate_and_to():
         AF2Batch.from_numpy({**feats[0], "bogus": np.zeros(1)})
     no_targets = {k: v for k, v in feats[0].items() if k not in TARGETS}
     assert AF2Batch.from_numpy(no_targets).pseudo_beta is None
+
+
+def test_clamped_fape_flag_follows_its_probability():
+    cfg = tiny_af2().data
+    record = make_record(num_res=40, depth=50)
+    flags = [float(make_af2_batch(record, cfg, np.random.default_rng(s))["use_clamped_fape"]) for s in range(200)]
+    assert set(flags) <= {0.0, 1.0} and 0.8 < np.mean(flags) < 0.97
+    assert float(make_af2_batch(record, cfg, np.random.default_rng(0), train=False)["use_clamped_fape"]) == 1.0
