@@ -64,14 +64,29 @@ def _cmd_prepare(args) -> int:
 
 
 def _info_parser(sub) -> None:
-    p = sub.add_parser("info", help="summarize a prepared cache (records, failures, sizes, lengths)",
-                       description="Summarize a feature cache; --verify re-hashes every record.")
+    p = sub.add_parser("info", help="summarize a prepared cache, or a preset's model (parameter counts)",
+                       description="Summarize a feature cache (--data; --verify re-hashes every record) or, with "
+                                   "--preset, the model a preset builds: parameter count per module.")
     p.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help=f"cache directory (default {DEFAULT_SAMPLE_CACHE})")
+    p.add_argument("--preset", help="print the parameter count of this preset's model instead")
     p.add_argument("--verify", action="store_true", help="re-check the checksum of every record")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _cmd_info(args) -> int:
+    if args.preset:
+        from foldforge.model.af2.model import count_parameters
+        from foldforge.presets import get_preset
+
+        counts = count_parameters(get_preset(args.preset).model)
+        if args.json:
+            print(json.dumps({"preset": args.preset, "parameters": counts}))
+        else:
+            print(f"preset {args.preset}: {counts['total']:,} parameters")
+            for name, n in counts.items():
+                if name != "total":
+                    print(f"  {name:<28} {n:>12,}")
+        return 0
     from foldforge.data.cache import CacheError
     from foldforge.data.info import cache_summary, format_summary
 
@@ -85,7 +100,7 @@ def _cmd_info(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (data: cached record -> model-ready batch)")
+    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps)")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     d = bsub.add_parser("data", help="time cached record -> AF2 batch on one CPU core",
                         description="Median time per sample of loading a cached record and building the "
@@ -99,7 +114,28 @@ def _bench_parser(sub) -> None:
                    help="JSONL file the measurement is appended to")
 
 
+    st = bsub.add_parser("step", help="time whole AF2 training steps on real cached features",
+                         description="Recycling forward, loss, backward, clipping and Adam on batches from a "
+                                     "prepared cache at the preset's shapes; median step time and peak memory.")
+    st.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
+    st.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help="cache directory")
+    st.add_argument("--crop", type=int, help="override the preset's crop size")
+    st.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    st.add_argument("--recycles", type=int, help="recycling iterations (default: the preset's maximum)")
+    st.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    st.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16)")
+    st.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
+
+
 def _cmd_bench(args) -> int:
+    if args.bench_cmd == "step":
+        from foldforge.bench.step import run_step_benchmark
+
+        run_step_benchmark(args.data, args.preset, steps=args.steps, warmup=args.warmup,
+                           checkpointing=args.checkpointing, dtype=args.dtype, crop=args.crop,
+                           num_recycles=args.recycles, results=Path(args.results))
+        return 0
     from foldforge.bench.data import run_data_benchmark
 
     run_data_benchmark(args.data, args.preset, samples=args.samples, results=Path(args.results),
