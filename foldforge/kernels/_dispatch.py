@@ -1,0 +1,51 @@
+"""Resolve ``impl`` ("reference" | "auto" | "triton") for one kernel call, and log the choice once per op.
+
+DESIGN.md convention 2: the implementation is chosen from :class:`foldforge.config.KernelConfig` when the
+model is built; modules pass that string to the kernel function on every call. ``"auto"`` falls back to the
+reference only where the op's declared ``supports()`` says no -- never by catching an exception -- and
+``"triton"`` on inputs the Triton path does not support raises.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+IMPLS = ("reference", "auto", "triton")
+
+_log = logging.getLogger("foldforge.kernels")
+_LOGGED: set[tuple[str, str, str]] = set()   # (op, requested, resolved) already logged
+
+
+def validate_impl(impl: str) -> str:
+    """Raise ``ValueError`` for an unknown implementation name; modules call this at build time."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; expected one of {IMPLS}")
+    return impl
+
+
+def resolve(op: str, impl: str, supports: Callable[[], bool]) -> str:
+    """The implementation that runs ``op`` for these inputs: "reference" or "triton".
+
+    ``supports`` is the op's capability check bound to the call's inputs; it is only evaluated for
+    "auto" and "triton". The resolution is logged (INFO, logger ``foldforge.kernels``) the first time each
+    (op, requested, resolved) combination occurs in an eager call in this process.
+    """
+    validate_impl(impl)
+    if impl == "reference":
+        resolved = "reference"
+    elif supports():
+        resolved = "triton"
+    elif impl == "auto":
+        resolved = "reference"
+    else:
+        raise NotImplementedError(
+            f"impl='triton': Triton kernel for {op} not available yet for these inputs "
+            f"({op}'s supports() returned False); use impl='reference' or impl='auto'")
+    key = (op, impl, resolved)
+    # Not while torch.compile traces: a logger call would break the graph (fullgraph=True fails).
+    if key not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add(key)
+        _log.info("kernel %s: impl=%r -> %s", op, impl, resolved)
+    return resolved
