@@ -69,16 +69,20 @@ def _info_parser(sub) -> None:
                                    "--preset, the model a preset builds: parameter count per module.")
     p.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help=f"cache directory (default {DEFAULT_SAMPLE_CACHE})")
     p.add_argument("--preset", help="print the parameter count of this preset's model instead")
+    p.add_argument("--depth", type=int, default=1, help="with --preset: module depth of the breakdown (default 1)")
     p.add_argument("--verify", action="store_true", help="re-check the checksum of every record")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _cmd_info(args) -> int:
     if args.preset:
-        from foldforge.model.af2.model import count_parameters
+        import torch
+
+        from foldforge.model.af2.model import AlphaFold2, count_parameters
         from foldforge.presets import get_preset
 
-        counts = count_parameters(get_preset(args.preset).model)
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            counts = count_parameters(AlphaFold2(get_preset(args.preset).model), depth=args.depth)
         if args.json:
             print(json.dumps({"preset": args.preset, "parameters": counts}))
         else:

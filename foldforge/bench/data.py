@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import time
@@ -38,6 +39,8 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
+    if os.environ.get("FOLDFORGE_COMMIT"):  # set where the tree travels without its .git (device runs)
+        return os.environ["FOLDFORGE_COMMIT"]
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

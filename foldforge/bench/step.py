@@ -30,6 +30,29 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
+def _run_steps(one_step, device: torch.device, warmup: int, steps: int, times: list, losses: list) -> None:
+    """Warm-up steps, then timed ones (CUDA events on GPU, wall clock on CPU); peak memory is reset
+    after warm-up so it covers the timed steps only."""
+    for i in range(warmup + steps):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            terms = one_step(i)
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            terms = one_step(i)
+            elapsed = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(elapsed)
+            losses.append(terms)
+
+
 def run_step_benchmark(cache_dir: str | Path, preset: str, *, steps: int = 5, warmup: int = 2,
                        checkpointing: bool = False, dtype: str = "bf16", crop: int | None = None,
                        num_recycles: int | None = None, results: Path | None = None, seed: int = 0) -> dict:
@@ -57,31 +80,21 @@ def run_step_benchmark(cache_dir: str | Path, preset: str, *, steps: int = 5, wa
         return {k: float(v) for k, v in terms.items()}
 
     times, losses = [], []
-    for i in range(warmup + steps):
-        if i == warmup and device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            terms = one_step(i)
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            terms = one_step(i)
-            elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
-            losses.append(terms)
+    try:
+        _run_steps(one_step, device, warmup, steps, times, losses)
+    except torch.cuda.OutOfMemoryError as e:  # a result too: this configuration does not fit
+        print(f"out of memory: {str(e).splitlines()[0]}")
+        times, losses = [], []
+    oom = not times
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
     row = {
         "bench": "train_step", "preset": preset, "crop": cfg.data.crop_size, "num_recycles": recycles,
         "kernels": dataclasses.asdict(cfg.model.kernels), "dtype": dtype, "checkpointing": checkpointing,
-        "steps": steps, "warmup": warmup, "step_s_median": float(np.median(times)),
-        "step_s_min": float(np.min(times)), "step_s_max": float(np.max(times)),
+        "steps": steps, "warmup": warmup, "oom": oom,
+        "step_s_median": None if oom else float(np.median(times)),
+        "step_s_min": None if oom else float(np.min(times)),
+        "step_s_max": None if oom else float(np.max(times)),
         "peak_allocated_gib": None if peak is None else round(peak / 2**30, 3),
         "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 3),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -92,7 +105,7 @@ def run_step_benchmark(cache_dir: str | Path, preset: str, *, steps: int = 5, wa
                    + (" --checkpointing" if checkpointing else "") + f" --dtype {dtype}"
                    + (f" --crop {crop}" if crop else ""),
     }
-    print(json.dumps({k: row[k] for k in ("preset", "crop", "num_recycles", "dtype", "checkpointing",
+    print(json.dumps({k: row[k] for k in ("preset", "crop", "num_recycles", "dtype", "checkpointing", "oom",
                                           "step_s_median", "peak_allocated_gib", "device")}))
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
