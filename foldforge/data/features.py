@@ -17,6 +17,11 @@ from foldforge.data.msa import MSA
 from foldforge.data.targets import make_targets, pseudo_beta_targets, rigid_group_targets, torsion_angle_targets
 
 
+# Bumped whenever the arrays a record holds change; part of every record's prepare key, so `prepare`
+# rebuilds records written by an older foldforge instead of reusing them.
+RECORD_SCHEMA = 2
+
+
 class FeatureError(ValueError):
     """Inputs of one chain that do not fit together (e.g. an MSA built for another sequence)."""
 
@@ -116,6 +121,7 @@ def build_record(structure: Structure, chain: ProteinChain, msa: MSA,
     arrays.update(make_targets(arrays["aatype"], arrays["all_atom_positions"], arrays["all_atom_mask"]))
     resolution = structure.resolution
     meta = {
+        "schema": RECORD_SCHEMA,
         "pdb_id": structure.pdb_id,
         "chain_id": chain.chain_id,
         "sequence": chain.sequence,

@@ -18,7 +18,8 @@ from typing import Any, Iterator
 
 from foldforge.data import residue_constants as rc
 from foldforge.data.cache import (CacheError, read_header, record_relpath, write_manifest, write_record)
-from foldforge.data.features import FeatureError, build_record, check_msa_matches, single_sequence_msa
+from foldforge.data.features import (RECORD_SCHEMA, FeatureError, build_record, check_msa_matches,
+                                     single_sequence_msa)
 from foldforge.data.mmcif import Structure, StructureError, parse_structure
 from foldforge.data.msa import MSAError, load_chain_msas
 
@@ -46,7 +47,7 @@ class PrepareOptions:
         """Options that change record contents (not where or how fast they are written)."""
         keys = ("msa_dir", "template_mmcif_dir", "max_template_hits", "max_template_date",
                 "template_gap_days", "max_msa_depth", "allow_missing_msa", "min_length")
-        return json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return json.dumps({"schema": RECORD_SCHEMA, **{k: getattr(self, k) for k in keys}}, sort_keys=True)
 
 
 @dataclass
