@@ -187,6 +187,36 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation and run control (AF2 Suppl. 1.11.3; MLPerf HPC OpenFold for af2_initial)."""
+
+    lr: float = 1e-3
+    schedule: str = "af2"                   # "af2": linear warm-up then x decay_factor every decay_every
+                                            # steps after decay_start; "constant": lr after warm-up
+    warmup_steps: int = 1000
+    decay_start: int = 50_000
+    decay_every: int = 50_000
+    decay_factor: float = 0.95
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-6
+    clip_grad_norm: float = 0.1
+    ema_decay: float = 0.999
+    batch_size: int = 1                     # per process
+    grad_accum: int = 1
+    precision: str = "bf16"                 # "bf16" autocast with fp32 master weights, or "fp32"
+    max_steps: int = 1000
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    num_workers: int = 2
+    seed: int = 0
+    max_nonfinite_in_a_row: int = 10        # NaN/Inf guard: stop after this many skipped updates in a row
+    target_lddt: float | None = None        # stop when the mean validation lDDT-Ca reaches this
+    val_fraction: float = 0.1               # share of chains held out for validation (at least one)
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; written beside every run as JSON and read back on resume."""
 
@@ -194,6 +224,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -218,5 +249,9 @@ def _from_dict(cls, d: dict):
         if key not in hints:
             raise ValueError(f"{cls.__name__} has no field {key!r}")
         default = getattr(cls(), key) if dataclasses.is_dataclass(cls) else None
-        kwargs[key] = _from_dict(type(default), value) if dataclasses.is_dataclass(default) else value
+        if dataclasses.is_dataclass(default):
+            value = _from_dict(type(default), value)
+        elif isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[key] = value
     return cls(**kwargs)
