@@ -46,7 +46,31 @@ def tiny_af2() -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {f.__name__: f for f in (af2_initial, af2_finetune, tiny_af2)}
+def small_af2() -> RunConfig:
+    """A small AF2 (8 Evoformer blocks, c_m 64, c_z 64) that trains to high train lDDT-Ca on one GPU in
+    minutes: the small-scale analogue of the MLPerf time-to-target run."""
+    return RunConfig(
+        name="small_af2",
+        data=DataConfig(crop_size=128, max_msa_clusters=64, max_extra_msa=256, max_templates=2,
+                        max_recycling_iters=2),
+        model=ModelConfig(
+            c_m=64, c_z=64, c_s=128, c_e=32,
+            evoformer=EvoformerConfig(num_blocks=8, msa_heads=4, msa_head_dim=16, pair_heads=4, pair_head_dim=16,
+                                      tri_mul_dim=64, opm_dim=16, transition_n=2),
+            extra_msa=EvoformerConfig(num_blocks=2, msa_heads=4, msa_head_dim=8, global_column_attention=True,
+                                      pair_heads=4, pair_head_dim=16, tri_mul_dim=64, opm_dim=16, transition_n=2),
+            template=TemplateConfig(c_t=32, num_blocks=1, tri_att_heads=4, tri_att_dim=8, tri_mul_dim=32,
+                                    pointwise_heads=4, pointwise_dim=8),
+            structure=StructureConfig(num_blocks=4, c_ipa=16, ipa_heads=8, c_resnet=64),
+            heads=HeadsConfig(plddt_hidden=64),
+        ),
+        train=TrainConfig(warmup_steps=100, clip_grad_norm=1.0, ema_decay=0.99, max_steps=4000, eval_every=500,
+                          checkpoint_every=250, num_workers=4),
+    )
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    f.__name__: f for f in (af2_initial, af2_finetune, small_af2, tiny_af2)}
 
 
 def get_preset(name: str) -> RunConfig:
