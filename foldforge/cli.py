@@ -104,7 +104,7 @@ def _cmd_info(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps)")
+    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps), ops (kernels)")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     d = bsub.add_parser("data", help="time cached record -> AF2 batch on one CPU core",
                         description="Median time per sample of loading a cached record and building the "
@@ -130,9 +130,34 @@ def _bench_parser(sub) -> None:
     st.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     st.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16)")
     st.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
+    op = bsub.add_parser("ops", help="time LayerNorm / LayerNorm+Linear kernels at the canonical shapes",
+                         description="Forward, backward and forward+backward of the Triton kernels, the eager "
+                                     "reference and torch.compile of it; peak extra memory; LayerNorm bandwidth "
+                                     "vs a plain copy. One JSONL row per measurement.")
+    op.add_argument("--op", choices=("layer_norm", "ln_linear", "all"), default="all", help="op (default all)")
+    op.add_argument("--shapes", choices=("af2", "af3", "all"), default="all", help="canonical shape set")
+    op.add_argument("--quick", action="store_true", help="tiny shapes (CPU: reference and compile only)")
+    op.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="activation dtype")
+    op.add_argument("--results", default="benchmarks/results/ops.jsonl", help="JSONL results file")
+    op.add_argument("--report", help="also write a markdown report of this run to this path")
+    op.add_argument("--tune", metavar="JSON", help="first sweep the kernels' block sizes on this GPU, write the "
+                                                   "table here and use it for the measurements")
 
 
 def _cmd_bench(args) -> int:
+    if args.bench_cmd == "ops":
+        from foldforge.bench.ops import OPS, format_report, run_ops_benchmark, tune_ops
+
+        if args.tune:
+            tune_ops(Path(args.tune))
+        rows = []
+        for name in (OPS if args.op == "all" else (args.op,)):
+            rows += run_ops_benchmark(name, args.shapes, quick=args.quick, dtype=args.dtype,
+                                      results=Path(args.results))
+        if args.report:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.report).write_text(format_report(rows))
+        return 0
     if args.bench_cmd == "step":
         from foldforge.bench.step import run_step_benchmark
 
@@ -147,14 +172,186 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (default: tiny_af2 on the bundled sample, a few minutes on CPU)",
+        description="Train from a prepared cache: AF2-weighted chain sampling, recycling, Adam with the preset's "
+                    "schedule, EMA, NaN guard, evaluation of the EMA weights on held-out chains, atomic "
+                    "checkpoints; JSONL metrics in RUN_DIR/metrics.jsonl. Runs as one process or under torchrun "
+                    "(DDP). With no arguments: preset tiny_af2 on cache/sample (prepared first if missing).")
+    p.add_argument("--preset", help="config preset (default tiny_af2; on --resume: the run's own)")
+    p.add_argument("--data", help=f"cache directory (default {DEFAULT_SAMPLE_CACHE}; on --resume: the run's own)")
+    p.add_argument("--out", help="run directory (default runs/<preset>-<timestamp>; required with --resume)")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--target-lddt", type=float, help="stop when the validation lDDT-Ca of the EMA weights "
+                                                     "reaches this; reports the time and steps to get there")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=5e-4 model.evoformer.num_blocks=4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_train(args) -> int:
+    from foldforge.train.loop import TrainingStopped, run
+
+    try:
+        s = run(preset=args.preset, data=args.data, out=args.out, resume=args.resume, overrides=args.set,
+                max_steps=args.max_steps, target_lddt=args.target_lddt, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingStopped) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not s:   # ranks other than 0
+        return 0
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"done: {s['steps']} steps in {s['wall_s']:.1f} s; train lDDT-Ca {fmt(s['train_lddt_ca_start'])} -> "
+          f"{fmt(s['train_lddt_ca_end'])}, validation {fmt(s['val_lddt_ca_start'])} -> {fmt(s['val_lddt_ca_end'])}"
+          f"; run directory {s['run_dir']}")
+    if s["target_lddt"] is not None:
+        t = s["time_to_target"]
+        print(f"target lDDT-Ca {s['target_lddt']}: " + (f"reached at step {t['step']} after {t['wall_s']:.1f} s"
+                                                       if t else "not reached"))
+    return 0
+
+
+# ---- evaluation and inference (foldforge/eval/) ----
+
+_WEIGHTS_HELP = "which weights of the checkpoint: ema (default; AF2 evaluates the EMA model) or model (raw)"
+_CKPT_HELP = ("training checkpoint (.pt written by foldforge train), or a run directory / its checkpoints/ "
+              "folder (the latest step_XXXXXXX.pt is used)")
+
+
+def _eval_parsers(sub) -> None:
+    e = sub.add_parser(
+        "evaluate", help="score a checkpoint on whole chains of a prepared cache (lDDT-Cα, lDDT, RMSD)",
+        description="Predict every chain of a prepared cache whole (no crop) with a checkpoint and score it "
+                    "against the true structure: lDDT-Cα (MLPerf/OpenFold), full-atom lDDT, Cα-RMSD after "
+                    "superposition, distogram accuracy and mean pLDDT. Prints the per-chain table and the "
+                    "means; with --out also writes them as CSV and JSON.")
+    e.add_argument("--checkpoint", required=True, help=_CKPT_HELP)
+    e.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help=f"prepared cache (default {DEFAULT_SAMPLE_CACHE})")
+    e.add_argument("--out", help="write the table to OUT.csv and OUT.json (give table.csv, table.json or a stem)")
+    e.add_argument("--num-recycles", type=int, help="recycling iterations (default: the run's max_recycling_iters)")
+    e.add_argument("--weights", choices=("ema", "model"), default="ema", help=_WEIGHTS_HELP)
+    e.add_argument("--ids", nargs="+", metavar="ID", help="only these records (e.g. 1abc_A 2xyz_B)")
+    e.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="forward precision (default fp32)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+
+    p = sub.add_parser(
+        "predict", help="predict structures for FASTA sequences (mmCIF/PDB with pLDDT as B-factors)",
+        description="For every FASTA record: features from the sequence alone, or from the --msa files whose "
+                    "query row is that sequence (merged and de-duplicated as AF2 does); the model; then "
+                    "OUT/<name>.cif and/or .pdb with the per-residue pLDDT (0-100) in the B-factor column, "
+                    "and OUT/<name>.json with the mean and per-residue pLDDT.")
+    p.add_argument("--checkpoint", required=True, help=_CKPT_HELP)
+    p.add_argument("--fasta", required=True, help="protein FASTA file (one or more records)")
+    p.add_argument("--msa", nargs="+", default=[], metavar="A3M", action="extend",
+                   help="alignments (.a3m or .sto); each goes to the record whose sequence is its first row")
+    p.add_argument("--num-recycles", type=int, help="recycling iterations (default: the run's max_recycling_iters)")
+    p.add_argument("--out", default="predictions", help="output directory (default ./predictions)")
+    p.add_argument("--format", choices=("cif", "pdb", "both"), default="cif", help="structure format (default cif)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help=_WEIGHTS_HELP)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="forward precision (default fp32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the MSA sampling and masking (default 0)")
+
+    s = sub.add_parser(
+        "score", help="lDDT-Cα, lDDT and Cα-RMSD of a model structure file against a reference",
+        description="Compare two structure files (mmCIF or PDB, optionally gzipped; first model). Chains are "
+                    "matched by chain id, residues by author residue number + insertion code; residues with "
+                    "a Cα in both files are scored. Prints one line of JSON: "
+                    '{"lddt_ca": ..., "lddt": ..., "rmsd_ca": ...} (RMSD in Å after superposition).')
+    s.add_argument("--model", required=True, help="predicted (or any) structure to score")
+    s.add_argument("--reference", required=True, help="reference (true) structure")
+
+    r = sub.add_parser(
+        "report", help="plot a training run's metrics (PNG files in RUN_DIR/plots/)",
+        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/plots/losses.png (loss terms, log scale), "
+                    "lddt_ca.png (train and eval lDDT-Cα over steps) and per_chain_lddt.png (latest eval).")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="training run directory (holds metrics.jsonl)")
+
+
+def _cmd_evaluate(args) -> int:
+    from foldforge.data.cache import CacheError
+    from foldforge.eval.checkpoint_io import CheckpointError
+    from foldforge.eval.evaluate import format_table, json_safe, run_evaluate
+
+    try:
+        result = run_evaluate(args.checkpoint, args.data, out=args.out, num_recycles=args.num_recycles,
+                              weights=args.weights, ids=args.ids, device=args.device, precision=args.precision,
+                              progress=not args.json)
+    except (CheckpointError, CacheError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(json_safe(result)))
+        return 0
+    print(f"checkpoint {result['checkpoint']} (step {result.get('step')}, {result['weights']} weights), "
+          f"{result['num_recycles']} recycles, {result['num_chains']} chains")
+    print(format_table(result))
+    for path in result.get("written", []):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from foldforge.eval.checkpoint_io import CheckpointError
+    from foldforge.eval.predict import PredictError, run_predict
+
+    try:
+        summaries = run_predict(args.checkpoint, args.fasta, msa_paths=args.msa, out_dir=args.out,
+                                num_recycles=args.num_recycles, fmt=args.format, weights=args.weights,
+                                device=args.device, precision=args.precision, seed=args.seed)
+    except (PredictError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in summaries:
+        print(f"{s['name']}: {s['length']} residues, MSA depth {s['msa_depth']}, mean pLDDT {s['mean_plddt']:.1f} "
+              f"-> {', '.join(s['files'])}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from foldforge.eval.evaluate import json_safe
+    from foldforge.eval.score import ScoreError, run_score
+
+    try:
+        result = run_score(args.model, args.reference)
+    except ScoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(json_safe(result)))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from foldforge.eval.report import ReportError, write_report
+
+    try:
+        paths = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+_EVAL_COMMANDS = {"evaluate": _cmd_evaluate, "predict": _cmd_predict, "score": _cmd_score, "report": _cmd_report}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="foldforge", description="Fast training of AlphaFold-family models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _prepare_parser(sub)
     _info_parser(sub)
     _bench_parser(sub)
+    _train_parser(sub)
+    _eval_parsers(sub)
     args = parser.parse_args(argv)
-    return {"prepare": _cmd_prepare, "info": _cmd_info, "bench": _cmd_bench}[args.cmd](args)
+    commands = {"prepare": _cmd_prepare, "info": _cmd_info, "bench": _cmd_bench, "train": _cmd_train,
+                **_EVAL_COMMANDS}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":
