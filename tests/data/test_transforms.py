@@ -17,22 +17,13 @@ from foldforge.data.msa_sampling import (
 )
 from foldforge.data.transforms import make_af2_batch, spatial_crop
 from foldforge.presets import af2_initial, tiny_af2
+from tests.data.test_targets import EXPECTED
 from tests.paths import SHARED
 
 A3M = SHARED / "openfold_af2_testdata" / "query_73aa" / "bfd_uniclust_hits.a3m"
 
 # Ground-truth target arrays (name -> trailing shape, dtype), as foldforge.data.targets writes them.
-TARGETS = {
-    "atom14_gt_positions": ((14, 3), np.float32), "atom14_gt_exists": ((14,), np.uint8),
-    "atom14_atom_exists": ((14,), np.uint8), "residx_atom14_to_atom37": ((14,), np.int32),
-    "residx_atom37_to_atom14": ((37,), np.int32), "atom37_atom_exists": ((37,), np.uint8),
-    "atom14_atom_is_ambiguous": ((14,), np.uint8), "atom14_alt_gt_positions": ((14, 3), np.float32),
-    "atom14_alt_gt_exists": ((14,), np.uint8), "rigidgroups_gt_frames": ((8, 4, 4), np.float32),
-    "rigidgroups_gt_exists": ((8,), np.uint8), "rigidgroups_group_exists": ((8,), np.uint8),
-    "rigidgroups_group_is_ambiguous": ((8,), np.uint8), "rigidgroups_alt_gt_frames": ((8, 4, 4), np.float32),
-    "torsion_angles_sin_cos": ((7, 2), np.float32), "alt_torsion_angles_sin_cos": ((7, 2), np.float32),
-    "torsion_angles_mask": ((7,), np.uint8), "pseudo_beta": ((3,), np.float32), "pseudo_beta_mask": ((), np.uint8),
-}
+TARGETS = EXPECTED
 
 
 @functools.lru_cache(maxsize=1)
