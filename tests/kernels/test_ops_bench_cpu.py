@@ -1,0 +1,34 @@
+"""`foldforge bench ops --quick` runs on the CPU (reference and torch.compile only) and writes one row per
+measurement with the documented schema; the markdown report is built from those rows."""
+import json
+
+import pytest
+import torch
+
+from foldforge.bench.ops import MODES, format_report
+from foldforge.cli import main
+
+ROW_KEYS = {"bench", "op", "impl", "design", "chosen", "mode", "shape", "dims", "dtype", "median_ms", "p20_ms",
+            "host_ms", "p80_ms", "reps", "peak_mem_mib", "gpu", "torch", "triton", "python", "commit", "date"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU schema path; the GPU run is the benchmark")
+def test_bench_ops_quick_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOLDFORGE_COMMIT", "abc1234")
+    results, report = tmp_path / "ops.jsonl", tmp_path / "report.md"
+    assert main(["bench", "ops", "--quick", "--results", str(results), "--report", str(report)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for op in ("layer_norm", "ln_linear"):
+        got = {(r["impl"], r["mode"]) for r in rows if r["op"] == op}
+        assert {(i, m) for i in ("reference", "compile") for m in MODES} <= got
+    assert {r["impl"] for r in rows} == {"reference", "compile", "copy"}     # no Triton rows on the CPU
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["bench"] == "ops" and r["commit"] == "abc1234" and r["dtype"] == "bf16"
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["median_ms"] > 0
+        assert r["dims"] == ([64, 32] if r["op"] == "layer_norm" else [64, 32, 16])
+    ln = [r for r in rows if r["op"] == "layer_norm"]
+    assert all(r["gbps"] > 0 and r["pct_of_copy_bw"] > 0 for r in ln)
+    text = report.read_text()
+    assert "### layer_norm" in text and "### ln_linear" in text
+    assert format_report(rows) == text
