@@ -104,7 +104,7 @@ def _cmd_info(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps)")
+    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps), ops (kernels)")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     d = bsub.add_parser("data", help="time cached record -> AF2 batch on one CPU core",
                         description="Median time per sample of loading a cached record and building the "
@@ -130,8 +130,34 @@ def _bench_parser(sub) -> None:
     st.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
     st.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16)")
     st.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
+    op = bsub.add_parser("ops", help="time LayerNorm / LayerNorm+Linear kernels at the canonical shapes",
+                         description="Forward, backward and forward+backward of the Triton kernels, the eager "
+                                     "reference and torch.compile of it; peak extra memory; LayerNorm bandwidth "
+                                     "vs a plain copy. One JSONL row per measurement.")
+    op.add_argument("--op", choices=("layer_norm", "ln_linear", "all"), default="all", help="op (default all)")
+    op.add_argument("--shapes", choices=("af2", "af3", "all"), default="all", help="canonical shape set")
+    op.add_argument("--quick", action="store_true", help="tiny shapes (CPU: reference and compile only)")
+    op.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="activation dtype")
+    op.add_argument("--results", default="benchmarks/results/ops.jsonl", help="JSONL results file")
+    op.add_argument("--report", help="also write a markdown report of this run to this path")
+    op.add_argument("--tune", metavar="JSON", help="first sweep the kernels' block sizes on this GPU, write the "
+                                                   "table here and use it for the measurements")
+
 
 def _cmd_bench(args) -> int:
+    if args.bench_cmd == "ops":
+        from foldforge.bench.ops import OPS, format_report, run_ops_benchmark, tune_ops
+
+        if args.tune:
+            tune_ops(Path(args.tune))
+        rows = []
+        for name in (OPS if args.op == "all" else (args.op,)):
+            rows += run_ops_benchmark(name, args.shapes, quick=args.quick, dtype=args.dtype,
+                                      results=Path(args.results))
+        if args.report:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.report).write_text(format_report(rows))
+        return 0
     if args.bench_cmd == "step":
         from foldforge.bench.step import run_step_benchmark
 

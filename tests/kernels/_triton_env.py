@@ -1,13 +1,10 @@
 """Shared set-up of the Triton kernel tests: run on the GPU where there is one, else on the CPU through the
 Triton interpreter.
 
-The interpreter is switched on only while these modules' tests run (:func:`interpreter_scope`, a module-scoped
-autouse fixture in each), not for the whole session: elsewhere (tests/model) a CPU tensor must keep meaning
-"no Triton path". Triton decides interpret-or-compile when a kernel is defined; our kernel modules are
-imported lazily at the first launch, which happens inside the scope."""
-import os
-import sys
-
+tests/conftest.py sets TRITON_INTERPRET=1 for the whole CPU session (Triton fixes interpret-or-compile when a
+kernel is defined); CPU tensors are routed to Triton only inside :func:`interpreter_scope` (a module-scoped
+autouse fixture in each kernel test module), so elsewhere (tests/model) a CPU tensor keeps meaning "no
+Triton path"."""
 import torch
 
 from foldforge.kernels import _launch
@@ -16,30 +13,17 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def interpreter_scope():
-    """Generator for a fixture: TRITON_INTERPRET=1 on a CPU-only machine for the duration, then restored."""
+    """Generator for a fixture: on a CPU-only machine, route CPU tensors to the Triton kernels (run by the
+    interpreter, which tests/conftest.py switched on for the session) for the duration, then restore."""
     if HAS_CUDA:
         yield
         return
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    _launch._INTERPRET = None                 # re-read on the next launch check
-    _forget_kernel_modules()                  # kernels defined earlier in compile mode are re-defined here
+    before = _launch._INTERPRET
+    _launch._INTERPRET = True
     try:
         yield
     finally:
-        _forget_kernel_modules()
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-        _launch._INTERPRET = None
-
-def _forget_kernel_modules() -> None:
-    import foldforge.kernels as pkg
-
-    for name in [m for m in sys.modules if m.startswith("foldforge.kernels._") and m.endswith("_triton")]:
-        del sys.modules[name]
-        pkg.__dict__.pop(name.rsplit(".", 1)[1], None)  # `from pkg import mod` reads the attribute first
+        _launch._INTERPRET = before
 
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
