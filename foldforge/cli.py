@@ -104,7 +104,8 @@ def _cmd_info(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step (whole training steps), ops (kernels)")
+    p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step / ablation / max-crop (whole "
+                                     "training steps), ops (kernels)")
     bsub = p.add_subparsers(dest="bench_cmd", required=True)
     d = bsub.add_parser("data", help="time cached record -> AF2 batch on one CPU core",
                         description="Median time per sample of loading a cached record and building the "
@@ -118,18 +119,53 @@ def _bench_parser(sub) -> None:
                    help="JSONL file the measurement is appended to")
 
 
-    st = bsub.add_parser("step", help="time whole AF2 training steps on real cached features",
-                         description="Recycling forward, loss, backward, clipping and Adam on batches from a "
-                                     "prepared cache at the preset's shapes; median step time and peak memory.")
-    st.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
-    st.add_argument("--data", default=DEFAULT_SAMPLE_CACHE, help="cache directory")
-    st.add_argument("--crop", type=int, help="override the preset's crop size")
-    st.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    st.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    st.add_argument("--recycles", type=int, help="recycling iterations (default: the preset's maximum)")
-    st.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block")
+    def step_args(q, *, steps: int = 5) -> None:
+        q.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
+        q.add_argument("--data", default="synthetic",
+                       help="'synthetic' (default: exact shapes, full masks, built from the bundled real chains) "
+                            "or a prepared cache directory")
+        q.add_argument("--crop", type=int, help="override the preset's crop size")
+        q.add_argument("--steps", type=int, default=steps, help=f"timed steps (default {steps})")
+        q.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+        q.add_argument("--recycles", type=int,
+                       help="recycling iterations per step (default: sampled per step as in training)")
+        q.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
+
+    st = bsub.add_parser("step", help="time whole AF2 training steps (forward with recycling, backward, "
+                                      "optimizer, EMA)",
+                         description="Real training steps after warm-up: median/p20/p80 step time, split into "
+                                     "data / forward / backward / optimizer (CUDA events), peak allocated and "
+                                     "reserved memory, samples/s and achieved TFLOP/s (analytic matmul FLOP "
+                                     "count, foldforge/bench/flops.py). Appends one JSONL row.")
+    step_args(st)
+    st.add_argument("--kernels", default="reference",
+                    help="reference | triton | auto, or op=impl,... with op in attention, layer_norm, "
+                         "triangle_mult, outer_product_mean, transition, gated_output (default reference)")
+    st.add_argument("--compile", action="store_true", help="torch.compile every Evoformer/extra-MSA/template block")
+    ck = st.add_mutually_exclusive_group()
+    ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None,
+                    help="activation checkpointing per block (default: the preset's setting)")
+    ck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     st.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16)")
-    st.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
+    ab = bsub.add_parser("ablation", help="the step benchmark with each optimization switched on in turn",
+                         description="Baseline (reference kernels, bf16) -> + each Triton op alone -> all "
+                                     "kernels -> fp32 for comparison -> + torch.compile -> without activation "
+                                     "checkpointing; one row each, then a markdown table (and PNG with --report).")
+    step_args(ab)
+    ab.add_argument("--report", help="write a markdown report (and a PNG chart beside it) to this path")
+    ab.add_argument("--profile", action="store_true", help="profile one extra step of each configuration "
+                                                          "(top kernels go into the rows and the report)")
+    ab.add_argument("--max-crop", action="store_true", help="also search the largest trainable crop for the "
+                                                           "baseline and the fastest configuration")
+    mc = bsub.add_parser("max-crop", help="largest crop (multiple of 32) that trains one step without OOM",
+                         description="Doubling then bisection over the crop size; one training step (0 recycles) "
+                                     "per probe on synthetic data; OOM is caught and counted as 'does not fit'.")
+    mc.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
+    mc.add_argument("--kernels", default="reference", help="as for bench step (default reference)")
+    mc.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    mc.add_argument("--start", type=int, default=256, help="first crop tried (default 256)")
+    mc.add_argument("--limit", type=int, default=4096, help="largest crop tried (default 4096)")
+    mc.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
     op = bsub.add_parser("ops", help="time LayerNorm / LayerNorm+Linear kernels at the canonical shapes",
                          description="Forward, backward and forward+backward of the Triton kernels, the eager "
                                      "reference and torch.compile of it; peak extra memory; LayerNorm bandwidth "
@@ -161,9 +197,33 @@ def _cmd_bench(args) -> int:
     if args.bench_cmd == "step":
         from foldforge.bench.step import run_step_benchmark
 
-        run_step_benchmark(args.data, args.preset, steps=args.steps, warmup=args.warmup,
-                           checkpointing=args.checkpointing, dtype=args.dtype, crop=args.crop,
-                           num_recycles=args.recycles, results=Path(args.results))
+        row = run_step_benchmark(args.preset, data=args.data, crop=args.crop, kernels=args.kernels,
+                                 compile=args.compile, checkpointing=args.checkpointing, dtype=args.dtype,
+                                 steps=args.steps, warmup=args.warmup, num_recycles=args.recycles,
+                                 results=Path(args.results))
+        return 0 if row["step_s"] is not None or row["oom"] else 1
+    if args.bench_cmd == "ablation":
+        from foldforge.bench.step import run_ablation, run_max_crop
+        from foldforge.bench.step_report import write_ablation_report
+
+        rows = run_ablation(args.preset, data=args.data, crop=args.crop, steps=args.steps, warmup=args.warmup,
+                            num_recycles=args.recycles, results=Path(args.results), profile=args.profile)
+        crops = []
+        if args.max_crop:
+            best = min((r for r in rows if r["step_s"] is not None), key=lambda r: r["step_s"]["median"])
+            crops.append(run_max_crop(args.preset, kernels="reference", results=Path(args.results)))
+            crops.append(run_max_crop(args.preset, kernels=best["kernels_spec"],
+                                      compile=best["compile"], checkpointing=best["checkpointing"],
+                                      results=Path(args.results)))
+        if args.report:
+            write_ablation_report(Path(args.report), rows, crops)
+            print(f"report: {args.report}")
+        return 0
+    if args.bench_cmd == "max-crop":
+        from foldforge.bench.step import run_max_crop
+
+        run_max_crop(args.preset, kernels=args.kernels, compile=args.compile, start=args.start, limit=args.limit,
+                     results=Path(args.results))
         return 0
     from foldforge.bench.data import run_data_benchmark
 

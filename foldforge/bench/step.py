@@ -1,112 +1,403 @@
-"""Benchmark of whole AF2 training steps (``foldforge bench step``).
+"""Benchmark of whole AF2 training steps (``foldforge bench step``, ``ablation``, ``max-crop``).
 
-A step is what training does per optimizer update: the recycling forward (``num_recycles`` no-grad passes
-plus one with grad), the loss, backward, global-norm gradient clipping and an Adam update. Batches come
-from a prepared cache at the preset's data shapes. Timing uses CUDA events around each step after warm-up
-(wall clock on CPU); peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps. One JSONL row
-per run is appended to the results file with GPU name, versions and commit.
+A step is what ``foldforge train`` does per optimizer update: the recycling forward (``r`` no-grad passes plus
+one with grad, ``r`` sampled per step exactly as training samples it unless ``--recycles`` fixes it), the
+loss, backward, global-norm gradient clipping, the Adam update (fused on CUDA) and the EMA update. Batches
+come from a prepared cache or from :mod:`foldforge.bench.synthetic` (exact shapes, full masks), loaded by a
+DataLoader with workers as in training.
+
+Timing: CUDA events at five points of every step (start, batch on the GPU, loss computed, backward done,
+optimizer + EMA done) give the split data / forward / backward / optimizer of GPU time (wall clock on the
+CPU); the host may run ahead, so a phase's time is when the GPU finished it, which is what a user waits
+for. Median and p20/p80 over the timed steps after warm-up; peak allocated and reserved memory over the timed
+steps; achieved TFLOP/s from the analytic count of :mod:`foldforge.bench.flops` at the step's recycle count.
+Which implementation each kernel op really used is recorded from :mod:`foldforge.kernels._dispatch`.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import json
+import math
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from foldforge.bench.data import _cpu_name, _git_commit
+from foldforge.bench.flops import train_step_flops
+from foldforge.config import KernelConfig, RunConfig
 from foldforge.data.batch import collate
-from foldforge.data.dataset import AF2Dataset, SampleKey
+from foldforge.kernels import _dispatch
+from foldforge.kernels._dispatch import IMPLS
 from foldforge.model.af2.losses import af2_loss
 from foldforge.model.af2.model import AlphaFold2
 from foldforge.presets import get_preset
+from foldforge.train.loop import sample_num_recycles
+from foldforge.train.optim import EMA, make_optimizer
+
+KERNEL_OPS = tuple(f.name for f in dataclasses.fields(KernelConfig))
+PHASES = ("data", "forward", "backward", "optimizer")
 
 
-def _device_name(device: torch.device) -> str:
+def parse_kernels(spec: str) -> KernelConfig:
+    """``"reference"`` | ``"triton"`` | ``"auto"`` (every op) or ``"op=impl,..."`` (others reference), e.g.
+    ``"attention=triton,layer_norm=triton"``. Raises ValueError naming the bad part."""
+    spec = spec.strip()
+    if spec in IMPLS:
+        return KernelConfig(**{op: spec for op in KERNEL_OPS})
+    kc = KernelConfig()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        op, sep, impl = part.partition("=")
+        if not sep or op not in KERNEL_OPS or impl not in IMPLS:
+            raise ValueError(f"--kernels: bad entry {part!r}; expected one of {IMPLS} or op=impl with op in "
+                             f"{KERNEL_OPS} and impl in {IMPLS}")
+        setattr(kc, op, impl)
+    return kc
+
+
+def kernels_label(kc: KernelConfig) -> str:
+    impls = {getattr(kc, op) for op in KERNEL_OPS}
+    if len(impls) == 1:
+        return impls.pop()
+    return ",".join(f"{op}={getattr(kc, op)}" for op in KERNEL_OPS if getattr(kc, op) != "reference")
+
+
+def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
 
 
-def _run_steps(one_step, device: torch.device, warmup: int, steps: int, times: list, losses: list) -> None:
-    """Warm-up steps, then timed ones (CUDA events on GPU, wall clock on CPU); peak memory is reset
-    after warm-up so it covers the timed steps only."""
-    for i in range(warmup + steps):
-        if i == warmup and device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            terms = one_step(i)
-            end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            terms = one_step(i)
-            elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
-            losses.append(terms)
+# ---------------------------------------------------------------- data
+class _Samples(torch.utils.data.Dataset):
+    """Sample ``i`` of a cache (cycling through its records) or of the synthetic source."""
+
+    def __init__(self, source: Callable[[int], object], n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.source(i)
 
 
-def run_step_benchmark(cache_dir: str | Path, preset: str, *, steps: int = 5, warmup: int = 2,
-                       checkpointing: bool = False, dtype: str = "bf16", crop: int | None = None,
-                       num_recycles: int | None = None, results: Path | None = None, seed: int = 0) -> dict:
+def _batch_source(cfg: RunConfig, data: str, seed: int) -> Callable[[int], object]:
+    if data == "synthetic":
+        from foldforge.bench.synthetic import synthetic_batch_source
+
+        return synthetic_batch_source(cfg.data, seed=seed)
+    from foldforge.data.dataset import AF2Dataset, SampleKey
+
+    ds = AF2Dataset(data, cfg.data, seed=seed)
+    return lambda i: ds[SampleKey(i % len(ds), 0, i)]
+
+
+def _loader(source, n: int, workers: int):
+    return iter(torch.utils.data.DataLoader(_Samples(source, n), batch_size=1, collate_fn=collate,
+                                            num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                            prefetch_factor=2 if workers else None,
+                                            persistent_workers=False))
+
+
+# ---------------------------------------------------------------- model set-up
+def _compile_blocks(model: AlphaFold2) -> int:
+    """torch.compile each block of the Evoformer, extra-MSA and template pair stacks (the memory-bound
+    glue between the kernels fuses; kernels stay opaque custom ops). Returns the number of blocks."""
+    n = 0
+    for stack in (model.evoformer, model.extra_msa_stack,
+                  getattr(model.template_embedder, "pair_stack", None)):
+        if stack is None:
+            continue
+        for block in stack.blocks:
+            block.compile(dynamic=False)   # in place: parameter names (EMA, checkpoints) unchanged
+            n += 1
+    return n
+
+
+class _Clock:
+    """Five timestamps per step: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def split(self, marks: list) -> list[float]:
+        if self.cuda:
+            marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs)
+    return {"median": float(np.median(a)), "p20": float(np.percentile(a, 20)),
+            "p80": float(np.percentile(a, 80)), "min": float(a.min()), "max": float(a.max())}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the benchmark
+def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None = None,
+                       kernels: str | KernelConfig = "reference", compile: bool = False,
+                       checkpointing: bool | None = None, dtype: str = "bf16", steps: int = 5, warmup: int = 2,
+                       num_recycles: int | None = None, workers: int | None = None, seed: int = 0,
+                       label: str | None = None, results: Path | None = None, profile: bool = False,
+                       log: Callable[[str], None] = print) -> dict:
+    """Run ``warmup + steps`` training steps and return (and append to ``results``) one row.
+
+    ``checkpointing=None`` keeps the preset's setting. ``profile`` runs one more step under
+    ``torch.profiler`` after the timed ones and stores the top GPU (CPU) kernels by total time in the row. An out-of-memory error is a result too
+    (``"oom": true``); a kernel that cannot run these inputs (``impl="triton"`` where its ``supports()``
+    says no) gives ``"error"``.
+    """
     cfg = get_preset(preset)
     if crop is not None:
         cfg.data.crop_size = crop
-    cfg.model.checkpoint_blocks = checkpointing
+    kc = parse_kernels(kernels) if isinstance(kernels, str) else kernels
+    cfg.model.kernels = kc
+    if checkpointing is not None:
+        cfg.model.checkpoint_blocks = checkpointing
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = (2 if device.type == "cuda" else 0) if workers is None else workers
+    d = cfg.data
+    row: dict = {
+        "bench": "train_step", "label": label or kernels_label(kc), "kernels_spec": kernels_label(kc),
+        "preset": preset, "crop": d.crop_size,
+        "n_clust": d.max_msa_clusters, "n_extra": d.max_extra_msa, "n_templ": d.max_templates,
+        "kernels": dataclasses.asdict(kc), "compile": compile, "dtype": dtype,
+        "checkpointing": cfg.model.checkpoint_blocks, "steps": steps, "warmup": warmup,
+        "num_recycles": "sampled" if num_recycles is None else num_recycles, "data": data,
+    }
+    _free_memory()
+    _dispatch.reset_resolutions()
     torch.manual_seed(seed)
-    model = AlphaFold2(cfg.model).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-6)
-    ds = AF2Dataset(cache_dir, cfg.data, seed=seed)
-    recycles = cfg.data.max_recycling_iters if num_recycles is None else num_recycles
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-    def one_step(i: int) -> dict:
-        batch = collate([ds[SampleKey(i % len(ds), 0, i)]]).to(device).as_dict()
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            out = model(batch, num_recycles=recycles)
-        loss, terms = af2_loss(out, batch, cfg.loss)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-        opt.step()
-        return {k: float(v) for k, v in terms.items()}
-
-    times, losses = [], []
+    model = opt = ema = None
+    times: list[list[float]] = []
+    recycles_used: list[int] = []
+    losses: list[dict] = []
     try:
-        _run_steps(one_step, device, warmup, steps, times, losses)
-    except torch.cuda.OutOfMemoryError as e:  # a result too: this configuration does not fit
-        print(f"out of memory: {str(e).splitlines()[0]}")
-        times, losses = [], []
-    oom = not times
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
-    row = {
-        "bench": "train_step", "preset": preset, "crop": cfg.data.crop_size, "num_recycles": recycles,
-        "kernels": dataclasses.asdict(cfg.model.kernels), "dtype": dtype, "checkpointing": checkpointing,
-        "steps": steps, "warmup": warmup, "oom": oom,
-        "step_s_median": None if oom else float(np.median(times)),
-        "step_s_min": None if oom else float(np.min(times)),
-        "step_s_max": None if oom else float(np.max(times)),
+        model = AlphaFold2(cfg.model).to(device).train()
+        model.set_checkpoint_blocks(cfg.model.checkpoint_blocks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt, _ = make_optimizer(params, cfg.train, device)
+        ema = EMA(model, cfg.train.ema_decay)
+        row["parameters"] = sum(p.numel() for p in params)
+        batches = _loader(_batch_source(cfg, data, seed), warmup + steps, workers)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        clock = _Clock(device)
+        max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else math.inf
+        for i in range(warmup + steps):
+            if compile and i == 1:        # step 0 runs eagerly: it records the kernels used
+                row["compiled_blocks"] = _compile_blocks(model)
+            if i == warmup and device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            r = (sample_num_recycles(seed, i, d.max_recycling_iters) if num_recycles is None else num_recycles)
+            marks = [clock.mark()]
+            batch = next(batches).to(device, non_blocking=True).as_dict()
+            marks.append(clock.mark())
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                out = model(batch, num_recycles=r)
+            loss, terms = af2_loss(out, batch, cfg.loss)
+            marks.append(clock.mark())
+            loss.backward()
+            marks.append(clock.mark())
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+            ema.update(model)
+            marks.append(clock.mark())
+            split = clock.split(marks)
+            del out, loss, batch
+            if i >= warmup:
+                times.append(split)
+                recycles_used.append(r)
+                losses.append({k: float(v) for k, v in terms.items()})
+        row["oom"], row["error"] = False, None
+        if profile:
+            row["profile_top"] = _profile_one_step(
+                lambda: _one_step(model, opt, ema, params, next_batch=lambda: next(
+                    _loader(_batch_source(cfg, data, seed), 1, 0)), device=device, autocast=autocast,
+                    r=d.max_recycling_iters if num_recycles is None else num_recycles, cfg=cfg, max_norm=max_norm),
+                device)
+    except torch.cuda.OutOfMemoryError as e:   # a result: this configuration does not fit
+        row["oom"], row["error"] = True, str(e).splitlines()[0][:300]
+    except NotImplementedError as e:          # impl="triton" for an op that cannot run these inputs
+        row["oom"], row["error"] = False, str(e)[:300]
+    finally:
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+        del model, opt, ema
+        _free_memory()
+    ok = len(times) == steps and steps > 0
+    row["kernels_used"] = _dispatch.resolutions()
+    if ok:
+        total = [sum(t) for t in times]
+        row["step_s"] = _stats(total)
+        row["split_s"] = {ph: float(np.median([t[k] for t in times])) for k, ph in enumerate(PHASES)}
+        row["recycles_used"] = recycles_used
+        flops = [train_step_flops(cfg.model, n_res=d.crop_size, n_clust=d.max_msa_clusters, n_extra=d.max_extra_msa,
+                                  n_templ=d.max_templates, num_recycles=r) for r in recycles_used]
+        row["tflop_per_step"] = float(np.mean(flops)) / 1e12
+        row["tflops_achieved"] = float(np.sum(flops) / np.sum(total)) / 1e12
+        row["samples_per_s"] = float(len(total) / np.sum(total))
+        row["loss_last"] = losses[-1]
+    else:
+        row["step_s"] = None
+    row.update({
         "peak_allocated_gib": None if peak is None else round(peak / 2**30, 3),
         "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 3),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "device": _device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-        "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": str(cache_dir), "loss_last": losses[-1] if losses else None,
-        "command": f"foldforge bench step --preset {preset} --data {cache_dir} --steps {steps}"
-                   + (" --checkpointing" if checkpointing else "") + f" --dtype {dtype}"
-                   + (f" --crop {crop}" if crop else ""),
-    }
-    print(json.dumps({k: row[k] for k in ("preset", "crop", "num_recycles", "dtype", "checkpointing", "oom",
-                                          "step_s_median", "peak_allocated_gib", "device")}))
+        "device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+        "python": platform.python_version(), "commit": _git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+    row["command"] = (f"foldforge bench step --preset {preset} --data {data} --crop {d.crop_size} "
+                      f"--kernels {kernels_label(kc)} --steps {steps} --warmup {warmup} --dtype {dtype}"
+                      + (" --compile" if compile else "")
+                      + (" --checkpointing" if cfg.model.checkpoint_blocks else " --no-checkpointing")
+                      + ("" if num_recycles is None else f" --recycles {num_recycles}"))
+    log(summary_line(row))
+    if results is not None:
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with open(results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def _one_step(model, opt, ema, params, *, next_batch, device, autocast, r: int, cfg: RunConfig,
+              max_norm: float) -> None:
+    batch = next_batch().to(device, non_blocking=True).as_dict()
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+        out = model(batch, num_recycles=r)
+    loss, _ = af2_loss(out, batch, cfg.loss)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    ema.update(model)
+
+
+def _profile_one_step(fn: Callable[[], None], device: torch.device, top: int = 25) -> list[dict]:
+    """Top kernels of one step by total device time (self CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if device.type != "cuda" or e.device_time_total > 0]
+    key = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    events.sort(key=key, reverse=True)
+    total = sum(key(e) for e in events) or 1.0
+    return [{"name": e.key[:120], "ms": key(e) / 1e3, "share": key(e) / total, "calls": e.count}
+            for e in events[:top]]
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def summary_line(row: dict) -> str:
+    if row.get("step_s") is None:
+        why = "out of memory" if row.get("oom") else f"error: {row.get('error')}"
+        return f"[{row['label']}] crop {row['crop']}: {why} (peak {row.get('peak_allocated_gib')} GiB)"
+    s, sp = row["step_s"], row["split_s"]
+    return (f"[{row['label']}] crop {row['crop']}: {s['median']:.3f} s/step (p20 {s['p20']:.3f}, p80 {s['p80']:.3f}); "
+            + ", ".join(f"{k} {v:.3f}" for k, v in sp.items())
+            + f"; peak {row['peak_allocated_gib']} GiB; {row['tflops_achieved']:.3g} TFLOP/s")
+
+
+# ---------------------------------------------------------------- ablation and max crop
+def ablation_configs(ops: tuple[str, ...] = KERNEL_OPS) -> list[dict]:
+    """The ablation ladder: baseline, each op's Triton kernel alone, all kernels, fp32 vs bf16, compile,
+    and no activation checkpointing (where memory allows)."""
+    rows = [{"label": "baseline (reference, bf16)", "kernels": "reference"}]
+    rows += [{"label": f"+ {op} triton", "kernels": f"{op}=triton"} for op in ops]
+    rows += [{"label": "all kernels triton", "kernels": "triton"},
+             {"label": "all kernels triton, fp32", "kernels": "triton", "dtype": "fp32"},
+             {"label": "all kernels + compile", "kernels": "triton", "compile": True},
+             {"label": "all kernels + compile, no checkpointing", "kernels": "triton", "compile": True,
+              "checkpointing": False}]
+    return rows
+
+
+def run_ablation(preset: str, *, data: str = "synthetic", crop: int | None = None, steps: int = 5,
+                 warmup: int = 2, num_recycles: int | None = None, results: Path | None = None,
+                 configs: list[dict] | None = None, profile: bool = False,
+                 log: Callable[[str], None] = print) -> list[dict]:
+    out = []
+    for c in configs or ablation_configs():
+        out.append(run_step_benchmark(preset, data=data, crop=crop, steps=steps, warmup=warmup,
+                                      num_recycles=num_recycles, results=results, profile=profile, log=log, **c))
+    return out
+
+
+def run_max_crop(preset: str, *, kernels: str = "reference", compile: bool = False,
+                 checkpointing: bool | None = None, dtype: str = "bf16", start: int = 256, limit: int = 4096,
+                 step: int = 32, results: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Largest crop (a multiple of ``step``) at which one training step (0 recycles: the gradient pass is
+    the memory peak) runs without running out of memory: doubling from ``start``, then bisection."""
+    tried: dict[int, bool] = {}
+
+    def fits(n: int) -> bool:
+        if n not in tried:
+            r = run_step_benchmark(preset, data="synthetic", crop=n, kernels=kernels, compile=compile,
+                                   checkpointing=checkpointing, dtype=dtype, steps=1, warmup=0, num_recycles=0,
+                                   label=f"max-crop probe {n}", log=log)
+            if r.get("error") and not r.get("oom"):
+                raise RuntimeError(f"max-crop probe at crop {n} failed: {r['error']}")
+            tried[n] = r["step_s"] is not None
+        return tried[n]
+
+    lo, hi = 0, None
+    n = start
+    while n <= limit:
+        if fits(n):
+            lo, n = n, n * 2
+        else:
+            hi = n
+            break
+    if lo == 0:                                   # even the start does not fit: search below it
+        hi, lo = start, 0
+    hi = hi if hi is not None else limit + step
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    cfg = get_preset(preset)
+    row = {"bench": "max_crop", "preset": preset, "kernels": kernels, "compile": compile, "dtype": dtype,
+           "checkpointing": cfg.model.checkpoint_blocks if checkpointing is None else checkpointing,
+           "max_crop": lo, "first_oom": hi if hi <= limit else None, "limit": limit, "step": step,
+           "probes": {str(k): v for k, v in sorted(tried.items())},
+           "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+           "torch": torch.__version__, "commit": _git_commit(),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    log(f"max crop [{kernels}{' + compile' if compile else ''}]: {lo} (first OOM: {row['first_oom']})")
     if results is not None:
         results.parent.mkdir(parents=True, exist_ok=True)
         with open(results, "a") as f:

@@ -16,6 +16,7 @@ IMPLS = ("reference", "auto", "triton")
 
 _log = logging.getLogger("foldforge.kernels")
 _LOGGED: set[tuple[str, str, str]] = set()   # (op, requested, resolved) already logged
+_RESOLVED: set[tuple[str, str]] = set()      # (op, resolved) seen since the last reset_resolutions()
 
 
 def validate_impl(impl: str) -> str:
@@ -45,7 +46,22 @@ def resolve(op: str, impl: str, supports: Callable[[], bool]) -> str:
             f"({op}'s supports() returned False); use impl='reference' or impl='auto'")
     key = (op, impl, resolved)
     # Not while torch.compile traces: a logger call would break the graph (fullgraph=True fails).
-    if key not in _LOGGED and not torch.compiler.is_compiling():
-        _LOGGED.add(key)
-        _log.info("kernel %s: impl=%r -> %s", op, impl, resolved)
+    if not torch.compiler.is_compiling():
+        _RESOLVED.add((op, resolved))
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            _log.info("kernel %s: impl=%r -> %s", op, impl, resolved)
     return resolved
+
+
+def resolutions() -> dict[str, list[str]]:
+    """Implementations that ran per op (eager calls since the last :func:`reset_resolutions`): what a
+    benchmark row reports as "kernels used", so a configuration toggle is checked, not assumed."""
+    out: dict[str, list[str]] = {}
+    for op, resolved in sorted(_RESOLVED):
+        out.setdefault(op, []).append(resolved)
+    return out
+
+
+def reset_resolutions() -> None:
+    _RESOLVED.clear()
