@@ -6,10 +6,11 @@ Parameter layout as OpenFold's ``Attention`` / ``GlobalAttention``: q/k/v projec
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from foldforge import kernels as ops
-from foldforge.model.primitives import Linear, bool_mask
+from foldforge.model.primitives import LayerNorm, Linear, bool_mask
 
 
 class Attention(nn.Module):
@@ -52,12 +53,47 @@ class Attention(nn.Module):
         q = self.linear_q(q_x).unflatten(-1, heads)    # [*, S, L_q, H, D]
         k = self.linear_k(kv_x).unflatten(-1, heads)   # [*, S, L_k, H, D]
         v = self.linear_v(kv_x).unflatten(-1, heads)
+        g = None if self.linear_g is None else self.linear_g(q_x)
+        return self.attend(q, k, v, g, bias, mask, chunk_size)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bias: Tensor | None = None,
+               mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
+        """The part after the projections: q, k, v ``[*, S, L, H, D]``, gate logits g ``[*, S, L_q, H * D]``."""
         o = ops.evo_attention(q, k, v, bias, bool_mask(mask), chunk_size=chunk_size, impl=self.impl)
         o = o.flatten(-2)                              # [*, S, L_q, H * D]
-        if self.linear_g is None:
+        if g is None:
             return self.linear_o(o)
-        return ops.gated_output(o, self.linear_g(q_x), self.linear_o.weight, self.linear_o.bias,
-                                    impl=self.gated_output_impl)
+        return ops.gated_output(o, g, self.linear_o.weight, self.linear_o.bias, impl=self.gated_output_impl)
+
+    def forward_layer_norm(self, x: Tensor, layer_norm: LayerNorm, extra: tuple[Linear, ...] = (),
+                           mask: Tensor | None = None, chunk_size: int | None = None,
+                           bias_from_extra=None) -> Tensor:
+        """Self-attention on ``LayerNorm(x)`` (q_x = kv_x).
+
+        With the reference LayerNorm this is ``forward(ln(x), ln(x), ...)`` as written. Otherwise the
+        LayerNorm and every projection that reads its output -- q, k, v, g and the bias-free ``extra``
+        Linears (e.g. the triangle-attention pair bias) -- run as ONE :func:`kernels.ln_linear` over the
+        concatenated weights: the normalised activation is neither written nor saved.
+        ``bias_from_extra`` maps the ``extra`` outputs to the attention bias.
+        """
+        heads = (self.num_heads, self.c_hidden)
+        if layer_norm.impl == "reference":
+            xn = layer_norm(x)
+            extras = [lin(xn) for lin in extra]
+            bias = bias_from_extra(*extras) if bias_from_extra is not None else None
+            return self.forward(xn, xn, bias=bias, mask=mask, chunk_size=chunk_size)
+        lins = [self.linear_q, self.linear_k, self.linear_v] + ([self.linear_g] if self.linear_g is not None else [])
+        lins += list(extra)
+        weight = torch.cat([lin.weight for lin in lins], dim=0)
+        biases = [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins]
+        y = ops.ln_linear(x, layer_norm.weight, layer_norm.bias, weight, torch.cat(biases), eps=layer_norm.eps,
+                          impl=layer_norm.impl)
+        parts = list(y.split([lin.out_features for lin in lins], dim=-1))
+        q, k, v = (t.unflatten(-1, heads) for t in parts[:3])
+        g = parts[3] if self.linear_g is not None else None
+        extras = parts[4 if self.linear_g is not None else 3:]
+        bias = bias_from_extra(*extras) if bias_from_extra is not None else None
+        return self.attend(q, k, v, g, bias, mask, chunk_size)
 
 
 class GlobalAttention(nn.Module):

@@ -37,8 +37,8 @@ class MSARowAttentionWithPairBias(nn.Module):
         bias = ops.ln_linear(z, ln.weight, ln.bias, self.linear_z.weight, None, eps=ln.eps,
                                  impl=ln.impl)                  # [*, L, L, H]
         bias = bias.movedim(-1, -3).unsqueeze(-4)              # [*, 1, H, L, L]
-        x = self.layer_norm_m(m)
-        return self.mha(x, x, bias=bias, mask=msa_mask, chunk_size=chunk_size)
+        return self.mha.forward_layer_norm(m, self.layer_norm_m, mask=msa_mask, chunk_size=chunk_size,
+                                           bias_from_extra=lambda: bias)
 
 
 class MSAColumnAttention(nn.Module):
@@ -51,9 +51,9 @@ class MSAColumnAttention(nn.Module):
 
     def forward(self, m: Tensor, msa_mask: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
         """m ``[*, S, L, c_m]``, msa_mask ``[*, S, L]`` -> update ``[*, S, L, c_m]``."""
-        x = self.layer_norm_m(m.transpose(-2, -3))                    # [*, L, S, c_m]
         mask = None if msa_mask is None else msa_mask.transpose(-1, -2)   # [*, L, S]
-        out = self.mha(x, x, mask=mask, chunk_size=chunk_size)
+        out = self.mha.forward_layer_norm(m.transpose(-2, -3), self.layer_norm_m, mask=mask,
+                                          chunk_size=chunk_size)              # [*, L, S, c_m]
         return out.transpose(-2, -3)                                  # [*, S, L, c_m]
 
 

@@ -75,9 +75,9 @@ class TriangleAttention(nn.Module):
         if self.node == "ending":
             z = z.transpose(-2, -3)
             pair_mask = None if pair_mask is None else pair_mask.transpose(-1, -2)
-        x = self.layer_norm(z)
-        bias = self.linear(x).movedim(-1, -3).unsqueeze(-4)    # [*, L, L, H] -> [*, 1, H, L, L]
-        out = self.mha(x, x, bias=bias, mask=bool_mask(pair_mask), chunk_size=chunk_size)
+        out = self.mha.forward_layer_norm(
+            z, self.layer_norm, extra=(self.linear,), mask=bool_mask(pair_mask), chunk_size=chunk_size,
+            bias_from_extra=lambda b: b.movedim(-1, -3).unsqueeze(-4))    # [*, L, L, H] -> [*, 1, H, L, L]
         return out.transpose(-2, -3) if self.node == "ending" else out
 
     def extra_repr(self) -> str:

@@ -147,7 +147,7 @@ def test_kernel_impl_comes_from_kernel_config():
         triton(m, z, mm)
     with pytest.raises(NotImplementedError, match="triangle_multiplication"):
         TriangleMultiplication(C_Z, 4, "outgoing", KernelConfig(triangle_mult="triton"))(z, pm)
-    with pytest.raises(NotImplementedError, match="layer_norm"):
+    with pytest.raises(NotImplementedError, match="ln_linear"):
         MSAColumnAttention(C_M, D, H, KernelConfig(layer_norm="triton"))(m, mm)
     with pytest.raises(ValueError, match="unknown kernel implementation"):
         OuterProductMean(C_M, C_Z, 4, KernelConfig(outer_product_mean="cuda"))
