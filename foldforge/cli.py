@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_SAMPLE_CACHE = "cache/sample"
+BENCH_OPS = ("attention", "layer_norm", "ln_linear", "transition", "gated_output", "dropout", "triangle_mult",
+             "outer_product_mean")
 
 
 def _prepare_parser(sub) -> None:
@@ -166,11 +168,14 @@ def _bench_parser(sub) -> None:
     mc.add_argument("--start", type=int, default=256, help="first crop tried (default 256)")
     mc.add_argument("--limit", type=int, default=4096, help="largest crop tried (default 4096)")
     mc.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
-    op = bsub.add_parser("ops", help="time LayerNorm / LayerNorm+Linear kernels at the canonical shapes",
-                         description="Forward, backward and forward+backward of the Triton kernels, the eager "
-                                     "reference and torch.compile of it; peak extra memory; LayerNorm bandwidth "
-                                     "vs a plain copy. One JSONL row per measurement.")
-    op.add_argument("--op", choices=("layer_norm", "ln_linear", "all"), default="all", help="op (default all)")
+    op = bsub.add_parser("ops", help="time each kernel (ours vs eager, torch.compile and peers) at the canonical "
+                                     "shapes",
+                         description="Forward, backward and forward+backward of the Triton kernels against the eager "
+                                     "reference and torch.compile of it (attention also against SDPA, "
+                                     "FlexAttention and cuEquivariance; triangle multiplication against "
+                                     "cuEquivariance, when installed); peak extra memory; LayerNorm bandwidth vs a "
+                                     "plain copy. One JSONL row per measurement.")
+    op.add_argument("--op", choices=BENCH_OPS + ("all",), default="all", help="op (default all)")
     op.add_argument("--shapes", choices=("af2", "af3", "all"), default="all", help="canonical shape set")
     op.add_argument("--quick", action="store_true", help="tiny shapes (CPU: reference and compile only)")
     op.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="activation dtype")
@@ -182,17 +187,26 @@ def _bench_parser(sub) -> None:
 
 def _cmd_bench(args) -> int:
     if args.bench_cmd == "ops":
-        from foldforge.bench.ops import OPS, format_report, run_ops_benchmark, tune_ops
+        from foldforge.bench import ops, ops_attention, ops_pair
 
         if args.tune:
-            tune_ops(Path(args.tune))
+            ops.tune_ops(Path(args.tune))
         rows = []
-        for name in (OPS if args.op == "all" else (args.op,)):
-            rows += run_ops_benchmark(name, args.shapes, quick=args.quick, dtype=args.dtype,
-                                      results=Path(args.results))
+        kw = dict(quick=args.quick, dtype=args.dtype, results=Path(args.results))
+        for name in (BENCH_OPS if args.op == "all" else (args.op,)):
+            if name in ops.OPS:
+                rows += ops.run_ops_benchmark(name, args.shapes, **kw)
+            elif name == "attention":
+                rows += ops_attention.run_attention_benchmark(args.shapes, **kw)
+            elif name == "triangle_mult":
+                rows += ops_pair.run_triangle_mult_benchmark(args.shapes, **kw)
+            else:
+                rows += ops_pair.run_outer_product_mean_benchmark(args.shapes, **kw)
         if args.report:
             Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.report).write_text(format_report(rows))
+            Path(args.report).write_text("\n".join(filter(None, (
+                ops.format_report([r for r in rows if r["op"] in ops.OPS]),
+                ops_attention.format_attention_report(rows), ops_pair.format_pair_report(rows)))))
         return 0
     if args.bench_cmd == "step":
         from foldforge.bench.step import run_step_benchmark

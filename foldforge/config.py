@@ -59,6 +59,7 @@ class KernelConfig:
     outer_product_mean: str = "reference"
     transition: str = "reference"
     gated_output: str = "reference"
+    dropout: str = "reference"              # fused bias + shared dropout + residual add
 
 
 @dataclass

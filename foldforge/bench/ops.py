@@ -1,4 +1,5 @@
-"""Per-op benchmark (``foldforge bench ops``): LayerNorm and LayerNorm+Linear at the canonical shapes.
+"""Per-op benchmark (``foldforge bench ops``): LayerNorm, LayerNorm+Linear, the transition, the gated output
+projection and the shared-dropout residual add at the canonical shapes.
 
 For each shape, times forward, backward and forward+backward of three implementations -- ours
 (``impl="triton"``; for ln_linear each design), the eager reference, and ``torch.compile`` of the reference
@@ -27,13 +28,22 @@ import numpy as np
 import torch
 
 from foldforge.bench.data import _cpu_name, _git_commit
-from foldforge.bench.shapes import (LAYER_NORM_SHAPES, LN_LINEAR_SHAPES, QUICK_LAYER_NORM_SHAPES,
-                                    QUICK_LN_LINEAR_SHAPES, OpShape)
+from foldforge.bench.shapes import (DROPOUT_SHAPES, GATED_OUTPUT_SHAPES, LAYER_NORM_SHAPES, LN_LINEAR_SHAPES,
+                                    QUICK_DROPOUT_SHAPES, QUICK_GATED_OUTPUT_SHAPES, QUICK_LAYER_NORM_SHAPES,
+                                    QUICK_LN_LINEAR_SHAPES, QUICK_TRANSITION_SHAPES, TRANSITION_SHAPES, OpShape)
+from foldforge.kernels.dropout import bias_dropout_residual, bias_dropout_residual_reference
+from foldforge.kernels.gated_output import gated_output, gated_output_reference
 from foldforge.kernels import _launch
 from foldforge.kernels.layer_norm import layer_norm, layer_norm_reference
 from foldforge.kernels.ln_linear import ln_linear, ln_linear_reference
+from foldforge.kernels.transition import TransitionParams, transition, transition_reference
 
-OPS = ("layer_norm", "ln_linear")
+OPS = ("layer_norm", "ln_linear", "transition", "gated_output", "dropout")
+_SHAPES = {"layer_norm": (LAYER_NORM_SHAPES, QUICK_LAYER_NORM_SHAPES),
+           "ln_linear": (LN_LINEAR_SHAPES, QUICK_LN_LINEAR_SHAPES),
+           "transition": (TRANSITION_SHAPES, QUICK_TRANSITION_SHAPES),
+           "gated_output": (GATED_OUTPUT_SHAPES, QUICK_GATED_OUTPUT_SHAPES),
+           "dropout": (DROPOUT_SHAPES, QUICK_DROPOUT_SHAPES)}
 MODES = ("fwd", "bwd", "fwd+bwd")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -109,12 +119,32 @@ def _quantiles(ms: list[float]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- inputs and implementations
-def _inputs(op: str, s: OpShape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple:
+def _dims(op: str, s) -> list[int]:
+    if op == "transition":
+        return [s.rows, s.c, s.n * s.c]
+    if op == "dropout":
+        return list(s.dims)
+    return [s.rows, s.c_in] + ([s.c_out] if op != "layer_norm" else [])
+
+
+def _inputs(op: str, s, dtype: torch.dtype, device: torch.device, seed: int = 0) -> tuple:
     """Activations in ``dtype``, parameters in fp32 (master weights, as in mixed-precision training)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rnd(*shape, scale=1.0, shift=0.0, dt=torch.float32):
         return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dt).requires_grad_()
+
+    if op == "transition":
+        h = s.n * s.c
+        glu = s.activation == "swiglu"
+        return (rnd(s.rows, s.c, scale=2.0, shift=0.5, dt=dtype), rnd(s.c, shift=1.0), rnd(s.c),
+                rnd((2 if glu else 1) * h, s.c, scale=s.c ** -0.5), None if glu else rnd(h),
+                rnd(s.c, h, scale=h ** -0.5), None if glu else rnd(s.c))
+    if op == "gated_output":
+        return (rnd(s.rows, s.c_in, dt=dtype), rnd(s.rows, s.c_in, scale=2.0, dt=dtype),
+                rnd(s.c_out, s.c_in, scale=s.c_in ** -0.5), rnd(s.c_out))
+    if op == "dropout":
+        return rnd(*s.dims, dt=dtype), rnd(*s.dims, dt=dtype)
 
     x = rnd(s.rows, s.c_in, scale=2.0, shift=0.5, dt=dtype)
     lw, lb = rnd(s.c_in, shift=1.0), rnd(s.c_in)
@@ -123,8 +153,19 @@ def _inputs(op: str, s: OpShape, dtype: torch.dtype, device: torch.device, seed:
     return x, lw, lb, rnd(s.c_out, s.c_in, scale=s.c_in ** -0.5), rnd(s.c_out)
 
 
-def _functions(op: str, impl: str) -> Callable:
-    if op == "layer_norm":
+def _functions(op: str, impl: str, s=None) -> Callable:
+    if op == "transition":
+        act = s.activation
+        ref = lambda x, *p: transition_reference(x, TransitionParams(*p), activation=act)   # noqa: E731
+        ours = lambda x, *p: transition(x, TransitionParams(*p), activation=act, impl="triton")   # noqa: E731
+    elif op == "gated_output":
+        ref = gated_output_reference
+        ours = lambda o, g, w, b: gated_output(o, g, w, b, impl="triton")   # noqa: E731
+    elif op == "dropout":
+        kw = dict(p=s.p, shared_dim=s.shared_dim, training=True)
+        ref = lambda x, u: bias_dropout_residual_reference(x, u, **kw)   # noqa: E731
+        ours = lambda x, u: bias_dropout_residual(x, u, **kw, impl="triton")   # noqa: E731
+    elif op == "layer_norm":
         ref = layer_norm_reference
         ours = lambda x, w, b: layer_norm(x, w, b, impl="triton")   # noqa: E731
     else:
@@ -156,11 +197,12 @@ def _force_design(device: torch.device, s: OpShape, design: str) -> dict:
 def _measure(op: str, impl: str, s: OpShape, dtype: torch.dtype, timer: _Timer) -> list[dict]:
     """fwd, bwd and fwd+bwd of one implementation at one shape: one dict per mode."""
     ins = _inputs(op, s, dtype, timer.device)
-    f = _functions(op, impl)
+    f = _functions(op, impl, s)
     y = f(*ins)
     dy = torch.randn_like(y)
     out = []
-    grad = lambda yy, **kw: torch.autograd.grad(yy, ins, dy, **kw)   # noqa: E731
+    leaves = [t for t in ins if t is not None]
+    grad = lambda yy, **kw: torch.autograd.grad(yy, leaves, dy, **kw)   # noqa: E731
     fns = {
         "fwd": lambda: f(*ins),
         "bwd": lambda: grad(y, retain_graph=True),
@@ -183,18 +225,15 @@ def run_ops_benchmark(op: str, shape_set: str = "all", *, quick: bool = False, d
                       results: Path | None = None, warmup_ms: float = 25.0, reps: int = 40,
                       designs: bool = True, include_ours: bool | None = None,
                       log: Callable[[str], None] = print) -> list[dict]:
-    """Measure ``op`` ("layer_norm" | "ln_linear") at ``shape_set`` ("af2" | "af3" | "all") and append
+    """Measure ``op`` (one of :data:`OPS`) at ``shape_set`` ("af2" | "af3" | "all") and append
     one JSONL row per (impl, mode, shape) to ``results``. Returns the rows. ``include_ours`` (default: on
     a GPU) adds the Triton rows; on the CPU that means the interpreter (a dry run of this driver)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
-    if quick:
-        shapes = QUICK_LAYER_NORM_SHAPES if op == "layer_norm" else QUICK_LN_LINEAR_SHAPES
-    else:
-        shapes = LAYER_NORM_SHAPES if op == "layer_norm" else LN_LINEAR_SHAPES
-        shapes = tuple(s for s in shapes if shape_set == "all" or s.family == shape_set)
+    full, small = _SHAPES[op]
+    shapes = small if quick else tuple(s for s in full if shape_set == "all" or s.family == shape_set)
     torch_dtype = _DTYPES[dtype]
     # compile once per shape; the defaults (8 graphs per code object) would stop recompiling
     dyn = torch._dynamo.config
@@ -207,11 +246,11 @@ def run_ops_benchmark(op: str, shape_set: str = "all", *, quick: bool = False, d
             "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     rows = []
     for s in shapes:
-        dims = [s.rows, s.c_in] + ([s.c_out] if op == "ln_linear" else [])
+        dims = _dims(op, s)
         variants: list[tuple[str, str | None]] = [("reference", None), ("compile", None)]
         chosen = None
         if on_gpu if include_ours is None else include_ours:
-            if op == "layer_norm":
+            if op != "ln_linear":
                 variants.insert(0, ("triton", None))
             else:   # each design of ours; "chosen" marks the one the committed table dispatches to
                 from foldforge.kernels import _ln_linear_triton as T
@@ -324,7 +363,7 @@ def format_report(rows: list[dict]) -> str:
                 if op == "layer_norm":
                     line += (f" {o['gbps'] if o else '–'} | {o['pct_of_copy_bw'] if o else '–'} |")
                 else:
-                    line += f" {o['design'] if o else '–'} |"
+                    line += f" {(o['design'] or '–') if o else '–'} |"
                 out.append(line)
         if op == "layer_norm":
             copies = [r for r in rs if r["impl"] == "copy"]

@@ -7,15 +7,26 @@ triangle attention), queries ``[L_q]`` to keys ``[L_k]`` with a bias shared by a
 
 Masked keys get a logit of -1e9 in fp32 and a probability of exactly 0, so a fully masked row
 gives an output of 0 (not the mean of ``v``, which is what a bias-only mask would give) and finite
-gradients. Padding rows are common in AF2 crops and the Triton kernel must produce the same zeros.
+gradients. Padding rows are common in AF2 crops and the Triton kernel produces the same zeros.
+
+``impl="triton"`` runs :mod:`foldforge.kernels._attention_triton` (online softmax, no ``L x L`` tensor in
+memory) through two ``torch.library`` custom ops (forward, backward) joined by ``register_autograd``, so
+``torch.compile(fullgraph=True)`` keeps them as opaque nodes; eager calls go through a lighter
+``torch.autograd.Function``. Saved for backward: q, k, v, bias, mask and the per-row log-sum-exp
+(8 bytes per query row and head) -- not the output.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from foldforge.kernels import _dispatch
+from foldforge.kernels import _dispatch, _launch
 from foldforge.kernels._utils import acc_dtype, check_bool_mask, chunk_slices
+
+MAX_HEAD_DIM = 64        # the Triton path holds a [BLOCK, next_pow2(D)] tile of q, k, v and dO in registers
+DBIAS_MODES = ("auto", "deterministic", "atomic")
 
 _MASK_LOGIT = -1e9   # fp32 logit of a masked key; exp(-1e9 - max) == 0 in fp32
 
@@ -54,25 +65,154 @@ def evo_attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None
     return out.transpose(-2, -3).to(q.dtype)     # [*, S, L_q, H, D]
 
 
+def _batch_broadcast_ok(lead: tuple[int, ...], batch: tuple[int, ...]) -> bool:
+    """Leading (batch) dims of a bias or mask, left-padded to q's: all 1 or all equal to q's."""
+    lead = (1,) * (len(batch) - len(lead)) + tuple(lead)
+    return len(lead) == len(batch) and (all(n == 1 for n in lead) or lead == tuple(batch))
+
+
 def supports(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, mask: Tensor | None = None) -> bool:
-    """Whether the Triton kernel handles these inputs. False until the kernel lands."""
-    return False
+    """Whether the Triton kernels handle these inputs: CUDA tensors (or CPU under ``TRITON_INTERPRET=1``)
+    on one device; q, k, v fp16/bf16/fp32 of one dtype, ``[*, S, L, H, D]`` with ``1 <= D <= 64``, equal
+    leading dims and last dim contiguous; bias fp16/bf16/fp32 ``[*, S|1, H, L_q, L_k]`` (any strides) whose
+    batch dims are all 1 or all equal to q's; mask bool ``[*, S|1, L_k]`` likewise; no empty dims."""
+    if q.dim() < 4 or k.dim() != q.dim() or v.shape != k.shape:
+        return False
+    if q.dtype not in _launch.TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if q.shape[:-3] != k.shape[:-3] or q.shape[-2:] != k.shape[-2:] or not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
+        return False
+    if not _launch.device_ok(q) or k.device != q.device or v.device != q.device:
+        return False
+    *batch, s, lq, h, _ = q.shape
+    lk = k.shape[-3]
+    if bias is not None:
+        if bias.dtype not in _launch.TRITON_DTYPES or bias.device != q.device or not 3 <= bias.dim() <= q.dim():
+            return False
+        if tuple(bias.shape[-3:]) != (h, lq, lk):
+            return False
+        if bias.dim() >= 4 and bias.shape[-4] not in (1, s):
+            return False
+        if not _batch_broadcast_ok(tuple(bias.shape[:-4]), tuple(batch)):
+            return False
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.device != q.device or not 1 <= mask.dim() <= q.dim() - 2:
+            return False
+        if mask.shape[-1] != lk or (mask.dim() >= 2 and mask.shape[-2] not in (1, s)):
+            return False
+        if not _batch_broadcast_ok(tuple(mask.shape[:-2]), tuple(batch)):
+            return False
+    return _launch.triton_available()
+
+
+def _kernels():
+    from foldforge.kernels import _attention_triton   # lazy: Triton only on the first launch
+    return _attention_triton
+
+
+# ---------------------------------------------------------------- custom ops (forward, backward)
+@torch.library.custom_op("foldforge::evo_attention_fwd", mutates_args=())
+def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+              scale: float) -> tuple[Tensor, Tensor]:
+    return _kernels().forward(q, k, v, bias, mask, scale)
+
+
+@_attn_fwd.register_fake
+def _(q, k, v, bias, mask, scale):
+    return q.new_empty(q.shape), q.new_empty((*q.shape[:-3], q.shape[-2], 2, q.shape[-3]), dtype=torch.float32)
+
+
+@torch.library.custom_op("foldforge::evo_attention_bwd", mutates_args=())
+def _attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
+              lse: Tensor, scale: float, need_dbias: bool, dbias_mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, db = _kernels().backward(do, q, k, v, bias, mask, lse, scale, need_dbias, dbias_mode)
+    return dq, dk, dv, (db if db is not None else q.new_empty(0))   # custom ops return no None
+
+
+@_attn_bwd.register_fake
+def _(do, q, k, v, bias, mask, lse, scale, need_dbias, dbias_mode):
+    db = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale = inputs[:6]
+    _, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, lse)
+    ctx.scale = scale
+    ctx.dbias_mode = inputs[6] if len(inputs) > 6 else "auto"
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, bias, mask, lse = ctx.saved_tensors
+    need_db = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, db = _attn_bwd(dout, q, k, v, bias, mask, lse, ctx.scale, need_db, ctx.dbias_mode)
+    return dq, dk, dv, (db if need_db else None), None, None
+
+
+_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EvoAttentionEager(torch.autograd.Function):
+    """Eager calls: the same launchers and saved tensors as the custom ops, without the custom-op
+    dispatcher's host time (see layer_norm.py: ~25 us a call, which bounds the small AF3 single-attention
+    shapes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, scale, dbias_mode):
+        out, lse = _kernels().forward(q, k, v, bias, mask, scale)
+        _setup_context(ctx, (q, k, v, bias, mask, scale, dbias_mode), (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, bias, mask, lse = ctx.saved_tensors
+        need_db = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, db = _kernels().backward(dout, q, k, v, bias, mask, lse, ctx.scale, need_db, ctx.dbias_mode)
+        return dq, dk, dv, db, None, None, None
+
+
+def evo_attention_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, mask: Tensor | None = None,
+                         *, scale: float | None = None, dbias_mode: str = "auto") -> Tensor:
+    """The Triton path without dispatch (callers have checked :func:`supports`). Under torch.compile the
+    custom ops (opaque graph nodes, bias gradient mode from the tuned table); in eager the autograd
+    Function. ``dbias_mode``: "auto" (the tuned table's choice for the shape, else deterministic),
+    "deterministic" (a separate reduction kernel, bitwise reproducible) or "atomic" (fp32 atomics)."""
+    if dbias_mode not in DBIAS_MODES:
+        raise ValueError(f"evo_attention: dbias_mode must be one of {DBIAS_MODES}, got {dbias_mode!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        if dbias_mode != "auto":
+            raise ValueError("evo_attention: under torch.compile the bias gradient mode comes from the tuned "
+                             "table (dbias_mode='auto')")
+        return _attn_fwd(q, k, v, bias, mask, scale)[0]
+    return _EvoAttentionEager.apply(q, k, v, bias, mask, scale, dbias_mode)[0]
 
 
 def evo_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, mask: Tensor | None = None,
                   *, scale: float | None = None, chunk_size: int | None = None,
-                  impl: str = "reference") -> Tensor:
+                  impl: str = "reference", dbias_mode: str = "auto") -> Tensor:
     """Gated-attention core with pair bias and key mask (AF2 Suppl. Alg. 7 lines 5-6).
 
     Shapes as :func:`evo_attention_reference`. ``chunk_size`` processes the ``S`` rows in chunks
     (inference memory: the ``[*, S, H, L_q, L_k]`` logits are the largest tensor of the Evoformer).
     ``impl``: "reference", "auto" (Triton where :func:`supports` accepts the inputs) or "triton".
+    ``dbias_mode`` (Triton path only): how the bias gradient is summed over the rows sharing the bias, see
+    :func:`evo_attention_triton`.
     """
     if q.dim() < 4:
         raise ValueError(f"evo_attention: q must be [*, S, L, H, D], got shape {tuple(q.shape)}")
-    _dispatch.resolve("evo_attention", impl, lambda: supports(q, k, v, bias, mask))
-    # supports() is False until the Triton kernel lands, so the reference is the only path here.
-    fn = evo_attention_reference
+    check_bool_mask(mask, "evo_attention")
+    if _dispatch.resolve("evo_attention", impl, lambda: supports(q, k, v, bias, mask)) == "triton":
+        def fn(q, k, v, b, m, scale):
+            return evo_attention_triton(q, k, v, b, m, scale=scale, dbias_mode=dbias_mode)
+    else:
+        fn = evo_attention_reference
     n_rows = q.shape[-4]
     slices = chunk_slices(n_rows, chunk_size)
     if len(slices) == 1:

@@ -12,8 +12,9 @@ class DropoutResidual(nn.Module):
     ``shared_dim`` (-3 row-wise: MSA row attention, triangle multiplications, starting-node triangle
     attention; -2 column-wise: ending-node triangle attention; None: independent)."""
 
-    def __init__(self, p: float, shared_dim: int | None):
+    def __init__(self, p: float, shared_dim: int | None, impl: str = "reference"):
         super().__init__()
+        self.impl = ops.validate_impl(impl)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.p = p
@@ -21,7 +22,7 @@ class DropoutResidual(nn.Module):
 
     def forward(self, x: Tensor, update: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return ops.bias_dropout_residual(x, update, p=self.p, shared_dim=self.shared_dim,
-                                         training=self.training, generator=generator)
+                                         training=self.training, generator=generator, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, shared_dim={self.shared_dim}"
+        return f"p={self.p}, shared_dim={self.shared_dim}, impl={self.impl!r}"

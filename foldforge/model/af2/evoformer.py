@@ -40,9 +40,9 @@ class EvoformerBlock(nn.Module):
         self.tri_att_start = TriangleAttention(c_z, cfg.pair_head_dim, cfg.pair_heads, "starting", kernels)
         self.tri_att_end = TriangleAttention(c_z, cfg.pair_head_dim, cfg.pair_heads, "ending", kernels)
         self.pair_transition = Transition(c_z, cfg.transition_n, kernels)
-        self.msa_dropout_row = DropoutResidual(cfg.msa_dropout, shared_dim=-3)
-        self.pair_dropout_row = DropoutResidual(cfg.pair_dropout, shared_dim=-3)
-        self.pair_dropout_col = DropoutResidual(cfg.pair_dropout, shared_dim=-2)
+        self.msa_dropout_row = DropoutResidual(cfg.msa_dropout, shared_dim=-3, impl=kernels.dropout)
+        self.pair_dropout_row = DropoutResidual(cfg.pair_dropout, shared_dim=-3, impl=kernels.dropout)
+        self.pair_dropout_col = DropoutResidual(cfg.pair_dropout, shared_dim=-2, impl=kernels.dropout)
 
     def forward(self, m: Tensor, z: Tensor, msa_mask: Tensor, pair_mask: Tensor,
                 chunk_size: int | None = None) -> tuple[Tensor, Tensor]:

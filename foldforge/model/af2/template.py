@@ -34,8 +34,8 @@ class TemplatePairStackBlock(nn.Module):
         self.tri_mul_out = TriangleMultiplication(c_t, cfg.tri_mul_dim, "outgoing", kernels)
         self.tri_mul_in = TriangleMultiplication(c_t, cfg.tri_mul_dim, "incoming", kernels)
         self.pair_transition = Transition(c_t, cfg.transition_n, kernels)
-        self.dropout_row = DropoutResidual(cfg.dropout, shared_dim=-3)
-        self.dropout_col = DropoutResidual(cfg.dropout, shared_dim=-2)
+        self.dropout_row = DropoutResidual(cfg.dropout, shared_dim=-3, impl=kernels.dropout)
+        self.dropout_col = DropoutResidual(cfg.dropout, shared_dim=-2, impl=kernels.dropout)
 
     def forward(self, t: Tensor, pair_mask: Tensor, chunk_size: int | None = None) -> Tensor:
         t = self.dropout_row(t, self.tri_att_start(t, pair_mask, chunk_size=chunk_size))
