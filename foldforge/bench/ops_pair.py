@@ -81,8 +81,13 @@ def _cueq_trimul():
 
     def f(z, mask, direction, *p):
         """Our parameters in cuEq's layout: p_in = [W_ap; W_bp], g_in = [W_ag; W_bg] (a rows first),
-        norm_out = layer_norm_out, p_out = linear_z, g_out = linear_g; its mask also masks a and b."""
-        p = TriMulParams(*p)
+        norm_out = layer_norm_out, p_out = linear_z, g_out = linear_g; its mask also masks a and b.
+
+        cuEq expects every weight in the activation dtype (its backward multiplies activations and
+        weights without promotion: fp32 weights with bf16 activations fail there), so the fp32 master
+        weights are cast here, as a mixed-precision caller of cuEq does; gradients flow through the casts
+        to the fp32 leaves, as with our reference's ``linear``."""
+        p = TriMulParams(*[t.to(z.dtype) for t in p])
         kw = dict(norm_in_weight=p.layer_norm_in_weight, norm_in_bias=p.layer_norm_in_bias,
                   p_in_weight=torch.cat([p.linear_a_p_weight, p.linear_b_p_weight]),
                   g_in_weight=torch.cat([p.linear_a_g_weight, p.linear_b_g_weight]),
@@ -150,15 +155,31 @@ def _run(op, shapes, make_inputs, make_fn, impls, dims, dtype, results, warmup_m
     for s in shapes:
         ins = make_inputs(s, _DTYPES[dtype], device)
         for impl in impls:
-            f = make_fn(impl, s)
-            if f is None:
-                log(f"{op:18s} {s.name:16s} {impl:9s} skipped: not importable")
-                continue
+            # one implementation failing (out of memory, a baseline's own bug, a compile error) is logged
+            # and that implementation skipped for this shape: it does not end the run
             try:
+                f = make_fn(impl, s)
+                if f is None:
+                    log(f"{op:18s} {s.name:16s} {impl:9s} skipped: not importable")
+                    continue
                 measured = _measure(f, ins, timer)
             except torch.cuda.OutOfMemoryError:
-                log(f"{op:18s} {s.name:16s} {impl:9s} out of memory")
-                torch.cuda.empty_cache()
+                log(f"{op:18s} {s.name:16s} {impl:9s} skipped: out of memory")
+                measured = None
+            except Exception as e:   # noqa: BLE001 -- any failure of one implementation skips only it
+                msg = " ".join(str(e).split())[:300]
+                log(f"{op:18s} {s.name:16s} {impl:9s} skipped: {type(e).__name__}: {msg}")
+                measured = None
+            if measured is None:
+                for t in ins:
+                    if isinstance(t, torch.Tensor):
+                        t.grad = None
+                if device.type == "cuda":
+                    try:
+                        torch.cuda.synchronize(device)
+                        torch.cuda.empty_cache()
+                    except Exception as e:   # noqa: BLE001 -- a sticky CUDA error: later impls log theirs
+                        log(f"{op:18s} {s.name:16s} {impl:9s} cleanup failed: {type(e).__name__}")
                 continue
             for r in measured:
                 rows.append({**meta, "impl": impl, "design": None, "chosen": None, "shape": s.name,

@@ -9,7 +9,7 @@ from foldforge.config import KernelConfig
 from foldforge.kernels import _dispatch
 from foldforge.model.msa import MSAColumnAttention, MSARowAttentionWithPairBias
 from foldforge.model.triangle import TriangleAttention
-from tests.kernels._triton_env import interpreter_scope
+from tests.kernels._triton_env import DEVICE, HAS_CUDA, interpreter_scope
 from tests.model.test_blocks import C_M, C_Z, D, H, _inputs, _randomize
 
 
@@ -29,9 +29,9 @@ def _blocks(kc):
 
 @pytest.mark.parametrize("name", ["row", "col", "start", "end"])
 def test_fused_layer_norm_projections_match_reference(name):
-    m, z, msa_mask, pair_mask = _inputs(3)
-    ref = _randomize(_blocks(KernelConfig())[name], seed=1)
-    fused = _blocks(KernelConfig(layer_norm="triton"))[name]
+    m, z, msa_mask, pair_mask = (t.to(DEVICE) for t in _inputs(3))
+    ref = _randomize(_blocks(KernelConfig())[name], seed=1).to(DEVICE)
+    fused = _blocks(KernelConfig(layer_norm="triton"))[name].to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     args = {"row": lambda: (m, z, msa_mask), "col": lambda: (m, msa_mask),
             "start": lambda: (z, pair_mask), "end": lambda: (z, pair_mask)}[name]
@@ -39,11 +39,12 @@ def test_fused_layer_norm_projections_match_reference(name):
     out_f = fused(*args())
     assert _dispatch.resolutions()["ln_linear"] == ["triton"]
     out_r = ref(*args())
-    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    tol = 1e-4 if HAS_CUDA else 1e-5       # fp32 GEMMs differ in blocking between the two paths
+    torch.testing.assert_close(out_f, out_r, rtol=tol, atol=tol)
     dy = torch.randn_like(out_r)
     g_f = torch.autograd.grad(out_f, list(fused.parameters()), dy, allow_unused=True)
     g_r = torch.autograd.grad(out_r, list(ref.parameters()), dy, allow_unused=True)
     for (pname, _), a, b in zip(ref.named_parameters(), g_f, g_r):
         assert (a is None) == (b is None), pname
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda s: f"{pname}: {s}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=10 * tol, msg=lambda s: f"{pname}: {s}")
