@@ -154,7 +154,14 @@ def _bench_parser(sub) -> None:
                                      "kernels -> fp32 for comparison -> + torch.compile -> without activation "
                                      "checkpointing; one row each, then a markdown table (and PNG with --report).")
     step_args(ab)
-    ab.add_argument("--report", help="write a markdown report (and a PNG chart beside it) to this path")
+    ab.add_argument("--report", help="write a markdown report (and a PNG chart beside it) to this path, from every "
+                                     "row of the results file with this preset, crop, GPU and commit (so a ladder "
+                                     "split over several invocations reports as one)")
+    ab.add_argument("--only", action="append", default=[], metavar="TEXT",
+                    help="run only the configurations whose label contains TEXT (repeatable)")
+    ab.add_argument("--exclude", action="append", default=[], metavar="TEXT",
+                    help="skip the configurations whose label contains TEXT (repeatable)")
+    ab.add_argument("--max-crop-limit", type=int, default=2048, help="largest crop the max-crop search tries")
     ab.add_argument("--profile", action="store_true", help="profile one extra step of each configuration "
                                                           "(top kernels go into the rows and the report)")
     ab.add_argument("--max-crop", action="store_true", help="also search the largest trainable crop for the "
@@ -220,18 +227,27 @@ def _cmd_bench(args) -> int:
         from foldforge.bench.step import run_ablation, run_max_crop
         from foldforge.bench.step_report import write_ablation_report
 
+        from foldforge.bench.step import ablation_configs, rows_for_report
+
+        configs = [c for c in ablation_configs()
+                   if (not args.only or any(o in c["label"] for o in args.only))
+                   and not any(x in c["label"] for x in args.exclude)]
         rows = run_ablation(args.preset, data=args.data, crop=args.crop, steps=args.steps, warmup=args.warmup,
-                            num_recycles=args.recycles, results=Path(args.results), profile=args.profile)
-        crops = []
+                            num_recycles=args.recycles, results=Path(args.results), profile=args.profile,
+                            configs=configs)
         if args.max_crop:
-            best = min((r for r in rows if r["step_s"] is not None), key=lambda r: r["step_s"]["median"])
-            crops.append(run_max_crop(args.preset, kernels="reference", results=Path(args.results)))
-            crops.append(run_max_crop(args.preset, kernels=best["kernels_spec"],
-                                      compile=best["compile"], checkpointing=best["checkpointing"],
-                                      results=Path(args.results)))
+            ok = [r for r in rows if r["step_s"] is not None]
+            run_max_crop(args.preset, kernels="reference", limit=args.max_crop_limit, results=Path(args.results))
+            if ok:
+                best = min(ok, key=lambda r: r["step_s"]["median"])
+                run_max_crop(args.preset, kernels=best["kernels_spec"], compile=best["compile"],
+                             checkpointing=best["checkpointing"], limit=args.max_crop_limit,
+                             results=Path(args.results))
         if args.report:
-            write_ablation_report(Path(args.report), rows, crops)
-            print(f"report: {args.report}")
+            crop = rows[0]["crop"] if rows else args.crop
+            all_rows, crops = rows_for_report(Path(args.results), args.preset, crop)
+            write_ablation_report(Path(args.report), all_rows, crops)
+            print(f"report: {args.report} ({len(all_rows)} configurations, {len(crops)} max-crop searches)")
         return 0
     if args.bench_cmd == "max-crop":
         from foldforge.bench.step import run_max_crop

@@ -359,6 +359,7 @@ def run_max_crop(preset: str, *, kernels: str = "reference", compile: bool = Fal
     """Largest crop (a multiple of ``step``) at which one training step (0 recycles: the gradient pass is
     the memory peak) runs without running out of memory: doubling from ``start``, then bisection."""
     tried: dict[int, bool] = {}
+    start = max(step, min(start, limit) // step * step)
 
     def fits(n: int) -> bool:
         if n not in tried:
@@ -403,3 +404,22 @@ def run_max_crop(preset: str, *, kernels: str = "reference", compile: bool = Fal
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
     return row
+
+
+def rows_for_report(results: Path, preset: str, crop: int) -> tuple[list[dict], list[dict]]:
+    """The latest row of each ablation configuration and each max-crop search in ``results`` that match this
+    preset, crop (step rows), GPU and commit, in ladder order."""
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    commit = _git_commit()
+    steps: dict[str, dict] = {}
+    crops: dict[tuple, dict] = {}
+    for line in results.read_text().splitlines() if results.exists() else []:
+        r = json.loads(line)
+        if r.get("preset") != preset or r.get("device") != device or r.get("commit") != commit:
+            continue
+        if r.get("bench") == "train_step" and r.get("crop") == crop and not r["label"].startswith("max-crop"):
+            steps[r["label"]] = r
+        elif r.get("bench") == "max_crop":
+            crops[(r["kernels"], r["compile"], r["checkpointing"])] = r
+    order = {c["label"]: i for i, c in enumerate(ablation_configs())}
+    return sorted(steps.values(), key=lambda r: order.get(r["label"], len(order))), list(crops.values())
