@@ -12,6 +12,8 @@ per-sequence gates ``[*, S, K]``), u = sigmoid(g) * o, W ``[N, K]``, y = u W^T +
 * backward dW, db: dW = dY^T u as a reduction over rows split into fixed ranges; each program recomputes
   u for its rows and writes one fp32 ``[N_tile, K_tile]`` partial, summed in a second pass. No atomics:
   bitwise-reproducible weight gradients.
+* fp32 operands multiply in IEEE fp32, each K tile's products summed from zero before they join the
+  accumulator (:func:`_transition_triton.mma`): one FMA chain over all of K measured 4-7x eager's error.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from torch import Tensor
 
 from foldforge.kernels import _launch
 from foldforge.kernels._layer_norm_triton import _row_offsets
-from foldforge.kernels._ln_linear_triton import _dot_args, _grid_split
-from foldforge.kernels._transition_triton import to_dtype
+from foldforge.kernels._ln_linear_triton import _grid_split
+from foldforge.kernels._transition_triton import _dot_args, mma, to_dtype
 
 
 @triton.jit
@@ -57,7 +59,7 @@ def _fwd_kernel(O, G, W, Bias, Y, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD2, gs
         if DOT_F32:
             u = u.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(u, tl.trans(w), acc, input_precision=PREC)
+        acc = mma(u, tl.trans(w), acc, PREC)
     if HAS_BIAS:
         acc += to_dtype(tl.load(Bias + ns, mask=n_ok, other=0.0).to(tl.float32), Y, RNE).to(tl.float32)[None, :]
     y_row = rows.to(tl.int64) * N
@@ -84,7 +86,7 @@ def _bwd_dx_kernel(DY, O, G, W, DO, DG, M, K, N, oD1, oD2, os0, os1, os2, gD1, g
         if DOT_F32:
             dy = dy.to(tl.float32)
             w = w.to(tl.float32)
-        du = tl.dot(dy, w, du, input_precision=PREC)
+        du = mma(dy, w, du, PREC)
     o_off = _row_offsets(rows, oD1, oD2, os0, os1, os2)
     g_off = _row_offsets(rows, gD1, gD2, gs0, gs1, gs2)
     o, s = _gate_tile(O, G, o_off, g_off, ks, row_ok, K)
@@ -123,7 +125,7 @@ def _bwd_dw_kernel(DY, O, G, DWp, DBp, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD
         if DOT_F32:
             dy = dy.to(tl.float32)
             u = u.to(tl.float32)
-        acc = tl.dot(tl.trans(dy), u, acc, input_precision=PREC)
+        acc = mma(tl.trans(dy), u, acc, PREC)
     out = DWp + pid_s.to(tl.int64) * N * K
     tl.store(out + ns[:, None] * K + ks[None, :], acc, mask=n_ok[:, None] & k_ok[None, :])
     if HAS_DB:

@@ -28,7 +28,16 @@ from torch import Tensor
 
 from foldforge.kernels import _launch
 from foldforge.kernels._layer_norm_triton import _row_offsets
-from foldforge.kernels._ln_linear_triton import _dot_args, _grid_split
+from foldforge.kernels._ln_linear_triton import _grid_split
+
+
+def _dot_args(device: torch.device, gemm_dtype: torch.dtype) -> dict:
+    """tl.dot arguments. fp32 operands always multiply in IEEE fp32 (``"ieee"``), whatever torch's TF32
+    switch says: TF32 is a 16-bit-class precision, which the kernels offer as bf16. 16-bit operands:
+    tensor cores, fp32 accumulation. Triton 3.9's interpreter multiplies bf16 dot operands as their raw
+    uint16 storage, so under the interpreter operands already rounded to the GEMM dtype go to tl.dot as
+    fp32 (``DOT_F32``) -- the same products, accumulated in fp32 as on the GPU."""
+    return {"DOT_F32": _launch.interpreting(), "PREC": "ieee" if gemm_dtype == torch.float32 else "tf32"}
 
 
 @triton.jit
@@ -43,6 +52,19 @@ def to_dtype(x, REF, RNE: tl.constexpr):
             b = b + (0x7FFF + ((b >> 16) & 1))
             x = ((b >> 16) << 16).to(tl.float32, bitcast=True)
     return x.to(REF.dtype.element_ty)
+
+
+@triton.jit
+def mma(a, b, acc, PREC: tl.constexpr):
+    """``acc + a b`` for one K tile. IEEE fp32 (``PREC == "ieee"``: FMA instructions, no tensor cores)
+    sums this tile's products from zero and then adds them to ``acc``: ``tl.dot(a, b, acc)`` would run
+    one sequential FMA chain over the whole reduction, measured (H200) at 4-7x the error of cuBLAS's fp32
+    GEMM at K = 384-768, against ~1-2x with chains one tile long. Tensor-core paths accumulate in place."""
+    if PREC == "ieee":
+        acc = acc + tl.dot(a, b, input_precision=PREC)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
@@ -113,22 +135,23 @@ def _fwd_kernel(X, LW, LB, W1, B1, W2, B2, Y, Mean, Rstd, M, C, H, D1, D2, s0, s
     cs = tl.arange(0, BLOCK_C)
     row_ok = rows < M
     c_ok = cs < C
-    _, z = _ln_tile(X, LW, LB, Mean, Rstd, rows, cs, M, C, D1, D2, s0, s1, s2, eps,
-                    HAS_LW, HAS_LB, False, Y, RNE)
+    # every name assigned in a loop body below is new to the loop or keeps its type and shape (Triton
+    # requires it of loop-carried values; the interpreter does not check): no shared throwaway names
+    xhat_unused, z = _ln_tile(X, LW, LB, Mean, Rstd, rows, cs, M, C, D1, D2, s0, s1, s2, eps,
+                              HAS_LW, HAS_LB, False, Y, RNE)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
-        a, _ = _up(z, W1, B1, hs, cs, H, C, sw1h, sw1c, HAS_B1, DOT_F32, PREC, Y, RNE)
+        a, w1a_unused = _up(z, W1, B1, hs, cs, H, C, sw1h, sw1c, HAS_B1, DOT_F32, PREC, Y, RNE)
         if SWIGLU:
-            b, _ = _up(z, W1, B1, hs + H, cs, 2 * H, C, sw1h, sw1c, HAS_B1, DOT_F32, PREC, Y, RNE)
+            b, w1b_unused = _up(z, W1, B1, hs + H, cs, 2 * H, C, sw1h, sw1c, HAS_B1, DOT_F32, PREC, Y, RNE)
             h = a / (1.0 + tl.exp(-a)) * b
         else:
             h = tl.maximum(a, 0.0)
-        h = to_dtype(h, Y, RNE)
+        hq = to_dtype(h, Y, RNE)
         if DOT_F32:
-            h = h.to(tl.float32)
-        acc = tl.dot(h, tl.trans(_w2_slice(W2, cs, hs, C, H, sw2c, sw2h, DOT_F32, Y, RNE)), acc,
-                     input_precision=PREC)
+            hq = hq.to(tl.float32)
+        acc = mma(hq, tl.trans(_w2_slice(W2, cs, hs, C, H, sw2c, sw2h, DOT_F32, Y, RNE)), acc, PREC)
     if HAS_B2:
         acc += to_dtype(tl.load(B2 + cs, mask=c_ok, other=0.0).to(tl.float32), Y, RNE).to(tl.float32)[None, :]
     y_row = rows.to(tl.int64) * C
@@ -185,17 +208,17 @@ def _bwd_dx_kernel(DY, X, LW, LB, W1, B1, W2, Mean, Rstd, DX, DLWp, DLBp, M, C, 
         dz = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for h0 in range(0, H, BLOCK_H):
             hs = h0 + tl.arange(0, BLOCK_H)
-            _, dh_a, dh_b, w1a, w1b = _dhidden(z, dy, W1, B1, W2, hs, cs, H, C, sw1h, sw1c, sw2c, sw2h,
-                                               HAS_B1, SWIGLU, DOT_F32, PREC, DY, RNE)
-            dh_a = to_dtype(dh_a, DY, RNE)
+            h_unused, dh_a, dh_b, w1a, w1b = _dhidden(z, dy, W1, B1, W2, hs, cs, H, C, sw1h, sw1c, sw2c, sw2h,
+                                                      HAS_B1, SWIGLU, DOT_F32, PREC, DY, RNE)
+            dh_aq = to_dtype(dh_a, DY, RNE)
             if DOT_F32:
-                dh_a = dh_a.to(tl.float32)
-            dz = tl.dot(dh_a, w1a, dz, input_precision=PREC)
+                dh_aq = dh_aq.to(tl.float32)
+            dz = mma(dh_aq, w1a, dz, PREC)
             if SWIGLU:
-                dh_b = to_dtype(dh_b, DY, RNE)
+                dh_bq = to_dtype(dh_b, DY, RNE)
                 if DOT_F32:
-                    dh_b = dh_b.to(tl.float32)
-                dz = tl.dot(dh_b, w1b, dz, input_precision=PREC)
+                    dh_bq = dh_bq.to(tl.float32)
+                dz = mma(dh_bq, w1b, dz, PREC)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         if HAS_LW:
             g = dz * lw[None, :]
@@ -242,11 +265,11 @@ def _bwd_dw_kernel(DY, X, LW, LB, W1, B1, W2, Mean, Rstd, DW1p, DW2p, DB1p, DB2p
         row_ok = rows < M
         mask = row_ok[:, None] & c_ok[None, :]
         y_row = rows.to(tl.int64) * C
-        _, z = _ln_tile(X, LW, LB, Mean, Rstd, rows, cs, M, C, D1, D2, s0, s1, s2, 0.0,
-                        HAS_LW, HAS_LB, True, DY, RNE)
+        xhat_unused, z = _ln_tile(X, LW, LB, Mean, Rstd, rows, cs, M, C, D1, D2, s0, s1, s2, 0.0,
+                                  HAS_LW, HAS_LB, True, DY, RNE)
         dy = tl.load(DY + y_row[:, None] + cs[None, :], mask=mask, other=0.0)
-        h, dh_a, dh_b, _, _ = _dhidden(z, dy, W1, B1, W2, hs, cs, H, C, sw1h, sw1c, sw2c, sw2h,
-                                       HAS_B1, SWIGLU, DOT_F32, PREC, DY, RNE)
+        h, dh_a, dh_b, w1a_unused, w1b_unused = _dhidden(z, dy, W1, B1, W2, hs, cs, H, C, sw1h, sw1c, sw2c,
+                                                         sw2h, HAS_B1, SWIGLU, DOT_F32, PREC, DY, RNE)
         # padded rows: z = 0 and dY = 0 there, so h = act(b1) contributes nothing to dW2 (times dY = 0)
         # and dh = 0; masking keeps db1 exact as well
         dh_a = tl.where(row_ok[:, None], dh_a, 0.0)
@@ -254,23 +277,25 @@ def _bwd_dw_kernel(DY, X, LW, LB, W1, B1, W2, Mean, Rstd, DW1p, DW2p, DB1p, DB2p
             db1a += tl.sum(dh_a, axis=0)
         if HAS_DB2:
             db2 += tl.sum(dy.to(tl.float32), axis=0)
-        h = to_dtype(h, DY, RNE)
-        dh_a = to_dtype(dh_a, DY, RNE)
+        hq = to_dtype(h, DY, RNE)
+        dh_aq = to_dtype(dh_a, DY, RNE)
+        dyq = dy
+        zq = z
         if DOT_F32:
-            h = h.to(tl.float32)
-            dh_a = dh_a.to(tl.float32)
-            dy = dy.to(tl.float32)
-            z = z.to(tl.float32)
-        acc_w2 = tl.dot(tl.trans(h), dy, acc_w2, input_precision=PREC)
-        acc_w1a = tl.dot(tl.trans(dh_a), z, acc_w1a, input_precision=PREC)
+            hq = hq.to(tl.float32)
+            dh_aq = dh_aq.to(tl.float32)
+            dyq = dyq.to(tl.float32)
+            zq = zq.to(tl.float32)
+        acc_w2 = mma(tl.trans(hq), dyq, acc_w2, PREC)
+        acc_w1a = mma(tl.trans(dh_aq), zq, acc_w1a, PREC)
         if SWIGLU:
             dh_b = tl.where(row_ok[:, None], dh_b, 0.0)
             if HAS_DB1:
                 db1b += tl.sum(dh_b, axis=0)
-            dh_b = to_dtype(dh_b, DY, RNE)
+            dh_bq = to_dtype(dh_b, DY, RNE)
             if DOT_F32:
-                dh_b = dh_b.to(tl.float32)
-            acc_w1b = tl.dot(tl.trans(dh_b), z, acc_w1b, input_precision=PREC)
+                dh_bq = dh_bq.to(tl.float32)
+            acc_w1b = mma(tl.trans(dh_bq), zq, acc_w1b, PREC)
     wmask = h_ok[:, None] & c_ok[None, :]
     h1 = 2 * H if SWIGLU else H
     base1 = DW1p + pid_s.to(tl.int64) * h1 * C
@@ -295,7 +320,10 @@ def bucket(c: int, h: int, swiglu: bool) -> str:
 
 def default_config(c: int, h: int, swiglu: bool) -> dict:
     """Heuristic tiles when the GPU has no committed entry. The [BLOCK_M, C] fp32 output / dz tile and the
-    z tile stay in registers, so BLOCK_M shrinks as C grows; SwiGLU carries two up-projection slices."""
+    z tile stay in registers, so BLOCK_M shrinks as C grows; SwiGLU carries two up-projection slices.
+    bwd_dw at C > 512 uses 16 x 16 tiles: compiled for sm_90, 32 x 32 needs 260-330 KB of shared memory
+    (layout conversions of the [*, BLOCK_C] operands; more than the 227 KB a block may have) against
+    130-165 KB."""
     bc = max(16, _launch.next_pow2(c))
     bh_full = max(16, _launch.next_pow2(h))
     bm = 64 if bc <= 128 else 32 if bc <= 256 else 16
@@ -304,7 +332,8 @@ def default_config(c: int, h: int, swiglu: bool) -> dict:
     return {
         "fwd": {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": warps, "num_stages": 2},
         "bwd_dx": {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": warps, "num_stages": 2, "programs_per_sm": 2},
-        "bwd_dw": {"BLOCK_M": 64 if bc <= 128 else 32, "BLOCK_H": min(bh_full, 64 if bc <= 128 else 32),
+        "bwd_dw": {"BLOCK_M": 64 if bc <= 128 else 32 if bc <= 512 else 16,
+                   "BLOCK_H": min(bh_full, 64 if bc <= 128 else 32 if bc <= 512 else 16),
                    "num_warps": warps, "num_stages": 2, "programs_per_sm": 2},
     }
 

@@ -53,6 +53,32 @@ def _cm_offsets(rows, LL, CLL):
 
 
 @triton.jit
+def _sigmoid(x):
+    """``1 / (1 + exp(-x))`` in fp32 to ~1 ulp on the GPU, where ``tl.exp``/``tl.sigmoid`` are
+    ``ex2.approx`` of the rounded product ``-x log2(e)`` (its rounding error grows with |x|) and ``/`` is an
+    approximate division: the product's rounding error is restored to first order (fma residual plus
+    the low part of log2(e)) and the division is IEEE."""
+    nx = -x
+    t = nx * 1.4426950408889634
+    d = tl.fma(nx, 1.4426950408889634, -t) + nx * 1.925963033500912e-08
+    e = tl.exp2(t) * (1.0 + d * 0.6931471805599453)
+    return tl.div_rn(tl.zeros_like(e) + 1.0, 1.0 + e)
+
+
+@triton.jit
+def _div(x, n):
+    """``x / n`` (fp32 tensor by a scalar) correctly rounded: ``/`` is an approximate division on the GPU."""
+    return tl.div_rn(x, tl.zeros_like(x) + n)
+
+
+@triton.jit
+def _rstd(sum_sq, n, eps):
+    """``1 / sqrt(sum_sq / n + eps)`` correctly rounded in each step (``tl.sqrt`` is the approximate square
+    root), as the fp32 reference computes its LayerNorm statistics."""
+    return _div(tl.zeros_like(sum_sq) + 1.0, tl.sqrt_rn(_div(sum_sq, n) + eps))
+
+
+@triton.jit
 def _cv(x, ACT: tl.constexpr, INTERP: tl.constexpr):
     """fp32 -> act, rounded to nearest even. Triton 3.9's interpreter truncates fp32 -> bf16 casts
     (measured: 1-ulp errors of one sign, which doubled the bf16 error of every output), so under the
@@ -90,9 +116,9 @@ def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
     mk2 = row_ok[:, None] & k_ok[None, :]
     z = tl.load(Z + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + ks[None, :], mask=mk2,
                 other=0.0).to(tl.float32)
-    mean = tl.sum(z, axis=1) / K
+    mean = _div(tl.sum(z, axis=1), K)
     zc = tl.where(mk2, z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / K + eps)
+    rstd = _rstd(tl.sum(zc * zc, axis=1), K, eps)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
     x = zc * rstd[:, None] * tl.load(LNW + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :] \
@@ -113,16 +139,16 @@ def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
         off = cm[:, None] + cs[None, :].to(tl.int64) * LL
         p, _w = _proj(x, WAP, BAP, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
         g, _w = _proj(x, WAG, BAG, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
-        tl.store(A + off, _cv(m[:, None] * tl.sigmoid(g) * p, ACT, DOT_F32), mask=st_ok)
+        tl.store(A + off, _cv(m[:, None] * _sigmoid(g) * p, ACT, DOT_F32), mask=st_ok)
         p, _w = _proj(x, WBP, BBP, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
         g, _w = _proj(x, WBG, BBG, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
-        tl.store(B + off, _cv(m[:, None] * tl.sigmoid(g) * p, ACT, DOT_F32), mask=st_ok)
+        tl.store(B + off, _cv(m[:, None] * _sigmoid(g) * p, ACT, DOT_F32), mask=st_ok)
     g_row = rows.to(tl.int64) * K
     for n0 in range(0, K, BLOCK_C):
         ns = n0 + tl.arange(0, BLOCK_C)
         n_ok = ns < K
         g, _w = _proj(x, WG, BG, ns, n_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
-        tl.store(G + g_row[:, None] + ns[None, :], _cv(tl.sigmoid(g), ACT, DOT_F32), mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(G + g_row[:, None] + ns[None, :], _cv(_sigmoid(g), ACT, DOT_F32), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -139,9 +165,9 @@ def _load_t_norm(T, LNW, LNB, rows, row_ok, C, LL, eps, LOAD_STATS: tl.constexpr
         tc = tl.where(mk, t - mean[:, None], 0.0)
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
     else:
-        mean = tl.sum(t, axis=1) / C
+        mean = _div(tl.sum(t, axis=1), C)
         tc = tl.where(mk, t - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(tc * tc, axis=1) / C + eps)
+        rstd = _rstd(tl.sum(tc * tc, axis=1), C, eps)
     that = tc * rstd[:, None]
     lw = tl.load(LNW + cs, mask=c_ok, other=0.0).to(tl.float32)
     u = that * lw[None, :] + tl.load(LNB + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -210,8 +236,8 @@ def _out_bwd_kernel(DY, T, LNW, LNB, WZ, BZ, G, Mean, Rstd, DT, DYL, U, DPRE, DL
             dyl = dyl.to(tl.float32)
         du = tl.dot(dyl, w, du, input_precision=PREC)
     gw = du * lw[None, :]
-    c1 = tl.sum(that * gw, axis=1) / C
-    c2 = tl.sum(gw, axis=1) / C
+    c1 = _div(tl.sum(that * gw, axis=1), C)
+    c2 = _div(tl.sum(gw, axis=1), C)
     dt = (gw - that * c1[:, None] - c2[:, None]) * rstd[:, None]
     tl.store(DT + _cm_offsets(rows, LL, C * LL)[:, None] + cs[None, :].to(tl.int64) * LL, _cv(dt, ACT, DOT_F32), mask=mk)
     tl.store(DLWp + pid * C + cs, tl.sum(du * that, axis=0), mask=c_ok)
@@ -264,7 +290,7 @@ def _proj_bwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
                 p, wp = _proj(x, WBP, BBP, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
                 g, wg = _proj(x, WBG, BBG, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
                 d = tl.load(DB + off, mask=st_ok, other=0.0).to(tl.float32)
-            s = tl.sigmoid(g)
+            s = _sigmoid(g)
             d = d * m[:, None]
             dp = d * s
             dg = d * p * s * (1.0 - s)
@@ -291,8 +317,8 @@ def _proj_bwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
             w = w.to(tl.float32)
         dxn = tl.dot(dgp, w, dxn, input_precision=PREC)
     gw = dxn * lw[None, :]
-    c1 = tl.sum(xhat * gw, axis=1) / K
-    c2 = tl.sum(gw, axis=1) / K
+    c1 = _div(tl.sum(xhat * gw, axis=1), K)
+    c2 = _div(tl.sum(gw, axis=1), K)
     dz = (gw - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
     tl.store(DZ + x_row[:, None] + ks[None, :], _cv(dz, DZ.dtype.element_ty, DOT_F32), mask=mk2)
     tl.store(DLWp + pid * K + ks, tl.sum(dxn * xhat, axis=0), mask=k_ok)
@@ -324,9 +350,27 @@ def config(device: torch.device, k: int, c: int) -> dict:
 def _dot_args(dtype: torch.dtype) -> dict:
     # Triton 3.9's interpreter multiplies bf16 dot operands as their raw 16-bit storage, so under the
     # interpreter operands already rounded to the activation dtype go to tl.dot as fp32 (same products).
-    # fp32 follows torch's matmul setting: IEEE unless TF32 was allowed.
-    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"DOT_F32": _launch.interpreting(), "PREC": prec}
+    # fp32 activations: IEEE products always (tl.dot's default for fp32 on the GPU is TF32, 10-bit
+    # mantissas), matching the fp32 reference with TF32 off; 16-bit operands are exact in either mode.
+    return {"DOT_F32": _launch.interpreting(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+class _IEEEMatmul:
+    """cuBLAS in full precision for the duration: TF32 off for fp32 GEMMs, and no reduced-precision
+    (16-bit) split-K reductions in the 16-bit GEMMs. The flags are only written when one is on, so the
+    default settings cost two attribute reads."""
+    _FLAGS = ("allow_tf32", "allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+
+    def __enter__(self):
+        m = torch.backends.cuda.matmul
+        self.saved = {f: getattr(m, f) for f in self._FLAGS if getattr(m, f, False)}
+        for f in self.saved:
+            setattr(m, f, False)
+
+    def __exit__(self, *exc):
+        for f, v in self.saved.items():
+            setattr(torch.backends.cuda.matmul, f, v)
+        return False
 
 
 def _launch_args(c: dict, **blocks) -> dict:
@@ -334,21 +378,25 @@ def _launch_args(c: dict, **blocks) -> dict:
 
 
 def _bmm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """Batched ``a @ b`` accumulated in fp32 and rounded once to ``out_dtype`` (cuBLAS; on the CPU
-    through fp32 operands, which gives the same exact products)."""
+    """Batched ``a @ b`` accumulated in fp32 (IEEE products) and rounded once to ``out_dtype`` (cuBLAS;
+    on the CPU through fp32 operands, which gives the same exact products)."""
     if a.is_cuda:
-        if a.dtype == out_dtype:
-            return torch.bmm(a, b)
-        return torch.bmm(a, b, out_dtype=out_dtype)
+        with _IEEEMatmul():
+            if a.dtype == out_dtype:
+                return torch.bmm(a, b)
+            return torch.bmm(a, b, out_dtype=out_dtype)
     return torch.bmm(a.float(), b.float()).to(out_dtype)
 
 
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` with an fp32 result: weight gradients sum M = B L^2 rows."""
+    """``a @ b`` with an fp32 result (IEEE products): weight gradients sum M = B L^2 rows."""
+    if a.is_cuda:
+        with _IEEEMatmul():
+            if a.dtype == torch.float32:
+                return a @ b
+            return torch.mm(a, b, out_dtype=torch.float32)
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
 
 

@@ -185,3 +185,21 @@ def test_canonical_fp32_gpu():
     z = randn(1, 256, 256, 128, g=g, scale=2.0)
     _check(z, _pair_mask(1, 256, g), _params(128, 128, g), randn(1, 256, 256, 128, g=g), direction="outgoing",
            name="fp32 L=256")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["outgoing", "incoming"])
+def test_contraction_is_fp32_accurate_gpu(direction):
+    """The cuBLAS contraction (bf16 operands, fp32 output) at L = 384 against fp64: fp32-level error, so a
+    bf16-level T (reduced-precision accumulation or an output rounding) is caught here, not only through
+    the LayerNorm-weight gradient that depends on T's low digits."""
+    from foldforge.kernels._triangle_mult_triton import _contract
+    g = gen(10)
+    a = randn(32, 384, 384, g=g, dtype=torch.bfloat16)
+    b = randn(32, 384, 384, g=g, dtype=torch.bfloat16)
+    t = _contract(a, b, direction == "outgoing", torch.float32)
+    ad, bd = a.double(), b.double()
+    hp = ad @ bd.transpose(1, 2) if direction == "outgoing" else ad.transpose(1, 2) @ bd
+    assert t.dtype == torch.float32
+    err = (t.double() - hp).abs().max().item()
+    assert err <= 64 * 2.0 ** -24 * hp.abs().max().item(), err
