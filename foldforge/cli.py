@@ -157,6 +157,8 @@ def _bench_parser(sub) -> None:
     ab.add_argument("--report", help="write a markdown report (and a PNG chart beside it) to this path, from every "
                                      "row of the results file with this preset, crop, GPU and commit (so a ladder "
                                      "split over several invocations reports as one)")
+    ab.add_argument("--kernel-ops", help="comma-separated kernel ops of the ladder (default: every op of "
+                                         "KernelConfig); the others stay on the reference")
     ab.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the configurations whose label contains TEXT (repeatable)")
     ab.add_argument("--exclude", action="append", default=[], metavar="TEXT",
@@ -227,9 +229,10 @@ def _cmd_bench(args) -> int:
         from foldforge.bench.step import run_ablation, run_max_crop
         from foldforge.bench.step_report import write_ablation_report
 
-        from foldforge.bench.step import ablation_configs, rows_for_report
+        from foldforge.bench.step import KERNEL_OPS, ablation_configs, rows_for_report
 
-        configs = [c for c in ablation_configs()
+        kernel_ops = tuple(args.kernel_ops.split(",")) if args.kernel_ops else KERNEL_OPS
+        configs = [c for c in ablation_configs(kernel_ops)
                    if (not args.only or any(o in c["label"] for o in args.only))
                    and not any(x in c["label"] for x in args.exclude)]
         rows = run_ablation(args.preset, data=args.data, crop=args.crop, steps=args.steps, warmup=args.warmup,
@@ -245,7 +248,7 @@ def _cmd_bench(args) -> int:
                              results=Path(args.results))
         if args.report:
             crop = rows[0]["crop"] if rows else args.crop
-            all_rows, crops = rows_for_report(Path(args.results), args.preset, crop)
+            all_rows, crops = rows_for_report(Path(args.results), args.preset, crop, kernel_ops)
             write_ablation_report(Path(args.report), all_rows, crops)
             print(f"report: {args.report} ({len(all_rows)} configurations, {len(crops)} max-crop searches)")
         return 0

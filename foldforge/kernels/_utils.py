@@ -32,3 +32,13 @@ def chunk_slices(n: int, chunk_size: int | None):
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return [slice(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+def autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the dtype an autocast region computes in: under bf16/fp16 autocast on x's device an fp32
+    activation is cast (the reference's first projection would cast it anyway); otherwise x unchanged.
+    Fused kernels whose projections read x directly call this so they run the 16-bit GEMMs autocast asks for."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from foldforge.kernels import _dispatch, _launch
-from foldforge.kernels._utils import acc_dtype, chunk_slices, linear
+from foldforge.kernels._utils import autocast_input, acc_dtype, chunk_slices, linear
 from foldforge.kernels.layer_norm import layer_norm_reference
 
 
@@ -183,6 +183,7 @@ def outer_product_mean(m: Tensor, mask: Tensor | None, params: OPMParams, *, eps
                        chunk_size: int | None = None, impl: str = "reference") -> Tensor:
     """AF2 Suppl. Alg. 10 pair update; see :func:`outer_product_mean_reference`. ``chunk_size`` applies to
     the reference only (the Triton path never materialises the outer products at full size)."""
-    if _dispatch.resolve("outer_product_mean", impl, lambda: supports(m, mask, params)) == "triton":
-        return outer_product_mean_triton(m, mask, params, eps=eps)
+    mt = autocast_input(m)   # under bf16 autocast the Triton path's projections run in bf16, as the reference's
+    if _dispatch.resolve("outer_product_mean", impl, lambda: supports(mt, mask, params)) == "triton":
+        return outer_product_mean_triton(mt, mask, params, eps=eps)
     return outer_product_mean_reference(m, mask, params, eps=eps, chunk_size=chunk_size)

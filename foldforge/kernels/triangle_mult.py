@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from foldforge.kernels import _dispatch, _launch
-from foldforge.kernels._utils import acc_dtype, linear
+from foldforge.kernels._utils import autocast_input, acc_dtype, linear
 from foldforge.kernels.layer_norm import layer_norm_reference
 
 DIRECTIONS = ("outgoing", "incoming")
@@ -89,6 +89,10 @@ def supports(z: Tensor, mask: Tensor | None, params: TriMulParams, direction: st
     under ``TRITON_INTERPRET=1``), fp16/bf16/fp32, ``c_z, C <= 256``, every parameter present with its
     :class:`TriMulParams` shape on z's device, mask None or ``[*, L, L]``."""
     if direction not in DIRECTIONS or z.dim() < 3 or z.dtype not in _launch.TRITON_DTYPES:
+        return False
+    if z.is_cuda and z.dtype == torch.float32:
+        # compiled fp32 (IEEE dots, rounded LN/sigmoid) measured 2-2.5x eager fp32's error on an H200
+        # (dlinear_a_p_weight at L=256): outside the three-way rule, so fp32 stays on the reference
         return False
     length, k = z.shape[-2], z.shape[-1]
     if z.shape[-3] != length or z.numel() == 0 or not 1 <= k <= MAX_C or not _launch.device_ok(z):
@@ -201,8 +205,11 @@ def triangle_multiplication_triton(z: Tensor, mask: Tensor | None, params: TriMu
 
 def triangle_multiplication(z: Tensor, mask: Tensor | None, params: TriMulParams, *,
                             direction: str = "outgoing", eps: float = 1e-5, impl: str = "reference") -> Tensor:
-    """AF2 Suppl. Alg. 11/12 update; see :func:`triangle_multiplication_reference`."""
+    """AF2 Suppl. Alg. 11/12 update; see :func:`triangle_multiplication_reference`. Under bf16 autocast an
+    fp32 pair activation is cast to bf16 for the Triton path (its projections run in bf16, as the
+    reference's autocast Linears do)."""
+    zt = autocast_input(z)
     if _dispatch.resolve("triangle_multiplication", impl,
-                         lambda: supports(z, mask, params, direction)) == "triton":
-        return triangle_multiplication_triton(z, mask, params, direction=direction, eps=eps)
+                         lambda: supports(zt, mask, params, direction)) == "triton":
+        return triangle_multiplication_triton(zt, mask, params, direction=direction, eps=eps)
     return triangle_multiplication_reference(z, mask, params, direction=direction, eps=eps)

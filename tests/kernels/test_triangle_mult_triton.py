@@ -13,7 +13,7 @@ from foldforge.kernels.triangle_mult import (
     triangle_multiplication_triton,
 )
 from foldforge.testing import assert_close_to_reference
-from tests.kernels._triton_env import DEVICE, F64, gen, interpreter_scope, leaves, randn
+from tests.kernels._triton_env import DEVICE, F64, HAS_CUDA, gen, interpreter_scope, leaves, randn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,6 +67,8 @@ def test_matches_reference(length, direction, dtype):
     # the ratio of their max errors on the gate bias/weight gradients (sums over few rows, with
     # cancellation) scatters between ~0.3 and ~4 across seeds, in fp32 as in bf16; seeds 100 and 300
     # each had one such gradient above 2x, seed 400 none.
+    if HAS_CUDA and dtype == torch.float32:
+        pytest.skip("fp32 on CUDA runs the reference (supports() is False): see test_fp32_cuda_routes_to_reference")
     g = gen(400 + length)
     b, c_z, c = (2, 24, 20) if length < 37 else (1, 32, 32)
     z = randn(b, length, length, c_z, g=g, dtype=dtype, scale=2.0, shift=0.3)
@@ -125,12 +127,13 @@ def test_backward_is_deterministic():
 
 def test_supports_false_cases():
     g = gen(5)
-    z, p = randn(1, 5, 5, 16, g=g), _params(16, 8, g)
+    z, p = randn(1, 5, 5, 16, g=g, dtype=torch.bfloat16), _params(16, 8, g)
     assert supports(z, None, p, "outgoing") and supports(z, torch.ones(1, 5, 5, device=DEVICE), p, "incoming")
     assert not supports(z, None, p, "sideways")
     assert not supports(z.double(), None, p, "outgoing")
-    assert not supports(randn(1, 5, 4, 16, g=g), None, p, "outgoing")              # not square
-    assert not supports(randn(1, 5, 5, 300, g=g), None, _params(300, 8, g), "outgoing")  # c_z > 256
+    assert not supports(randn(1, 5, 4, 16, g=g, dtype=torch.bfloat16), None, p, "outgoing")   # not square
+    assert not supports(randn(1, 5, 5, 300, g=g, dtype=torch.bfloat16), None, _params(300, 8, g),
+                        "outgoing")  # c_z > 256
     assert not supports(z, torch.ones(1, 5, 4, device=DEVICE), p, "outgoing")
     assert not supports(z, None, p._replace(linear_z_bias=None), "outgoing")
     assert not supports(z, None, p._replace(linear_g_weight=p.linear_g_weight[:8]), "outgoing")
@@ -151,9 +154,10 @@ def test_dispatch_auto_and_triton():
 def test_torch_compile_fullgraph():
     """The custom ops trace as single nodes: no graph break; forward and every gradient match eager."""
     g = gen(7)
-    z, p = randn(1, 7, 7, 16, g=g), _params(16, 16, g)
+    dt = torch.bfloat16 if HAS_CUDA else torch.float32
+    z, p = randn(1, 7, 7, 16, g=g, dtype=dt), _params(16, 16, g)
     mask = _pair_mask(1, 7, g)
-    dy = randn(1, 7, 7, 16, g=g)
+    dy = randn(1, 7, 7, 16, g=g, dtype=dt)
 
     def f(z, *params):
         return K.triangle_multiplication(z * 1.5, mask, TriMulParams(*params), direction="incoming",
@@ -180,11 +184,21 @@ def test_canonical_shapes_gpu(length, direction):
 
 
 @pytest.mark.gpu
-def test_canonical_fp32_gpu():
+def test_fp32_cuda_routes_to_reference():
+    """Compiled fp32 measured 2-2.5x eager fp32's error (H200, L=256): fp32 on CUDA is not the kernel's; under
+    impl="auto" the reference runs (bit for bit), impl="triton" refuses; under bf16 autocast an fp32 pair
+    tensor goes to the kernel in bf16."""
     g = gen(9)
-    z = randn(1, 256, 256, 128, g=g, scale=2.0)
-    _check(z, _pair_mask(1, 256, g), _params(128, 128, g), randn(1, 256, 256, 128, g=g), direction="outgoing",
-           name="fp32 L=256")
+    z, p, mask = randn(1, 64, 64, 32, g=g, scale=2.0), _params(32, 32, g), _pair_mask(1, 64, g)
+    assert not supports(z, mask, p, "outgoing")
+    ref = K.triangle_multiplication_reference(z, mask, p, direction="outgoing")
+    assert torch.equal(K.triangle_multiplication(z, mask, p, direction="outgoing", impl="auto"), ref)
+    with pytest.raises(NotImplementedError):
+        K.triangle_multiplication(z, mask, p, direction="outgoing", impl="triton")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = K.triangle_multiplication(z, mask, p, direction="outgoing", impl="triton")
+        y_ref = K.triangle_multiplication_reference(z, mask, p, direction="outgoing")
+    assert y.dtype == torch.bfloat16 and (y.float() - y_ref.float()).abs().max() < 0.05 * y_ref.float().abs().max()
 
 
 @pytest.mark.gpu
