@@ -331,16 +331,19 @@ def summary_line(row: dict) -> str:
 # ---------------------------------------------------------------- ablation and max crop
 def ablation_configs(ops: tuple[str, ...] = KERNEL_OPS) -> list[dict]:
     """The ablation ladder: baseline, each op's Triton kernel alone, all of ``ops`` together, fp32 vs bf16,
-    compile, and no activation checkpointing (where memory allows). ``ops`` restricts the ladder to the
-    kernels that are to be measured (e.g. leaving out one that fails on this GPU); the others stay on the
-    reference everywhere."""
-    every = ",".join(f"{op}=triton" for op in ops)
+    compile, and finally no activation checkpointing (where memory allows); every other rung checkpoints each
+    block, as AF2 training does. A toggled op runs with ``impl="auto"``: Triton wherever its ``supports()``
+    accepts the call, the reference elsewhere (e.g. attention with a head-broadcast bias); the rows record
+    which implementations really ran. ``ops`` restricts the ladder (e.g. leaving out a kernel that fails on
+    this GPU); the other ops stay on the reference."""
+    every = ",".join(f"{op}=auto" for op in ops)
     tag = "all kernels" if set(ops) == set(KERNEL_OPS) else f"kernels ({', '.join(ops)})"
-    rows = [{"label": "baseline (reference, bf16)", "kernels": "reference"}]
-    rows += [{"label": f"+ {op} triton", "kernels": f"{op}=triton"} for op in ops]
-    rows += [{"label": f"{tag} triton", "kernels": every},
-             {"label": f"{tag} triton, fp32", "kernels": every, "dtype": "fp32"},
-             {"label": f"{tag} + compile", "kernels": every, "compile": True},
+    ck = {"checkpointing": True}
+    rows = [{"label": "baseline (reference, bf16)", "kernels": "reference", **ck}]
+    rows += [{"label": f"+ {op} triton", "kernels": f"{op}=auto", **ck} for op in ops]
+    rows += [{"label": f"{tag} triton", "kernels": every, **ck},
+             {"label": f"{tag} triton, fp32", "kernels": every, "dtype": "fp32", **ck},
+             {"label": f"{tag} + compile", "kernels": every, "compile": True, **ck},
              {"label": f"{tag} + compile, no checkpointing", "kernels": every, "compile": True,
               "checkpointing": False}]
     return rows
