@@ -198,14 +198,17 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         opt, _ = make_optimizer(params, cfg.train, device)
         ema = EMA(model, cfg.train.ema_decay)
         row["parameters"] = sum(p.numel() for p in params)
-        batches = _loader(_batch_source(cfg, data, seed), warmup + steps, workers)
+        # with compile: one more untimed step first (eager, records the kernels used), then compile, so the
+        # compilation itself and its recompiles (grad / no-grad graphs) fall in the warm-up steps
+        warm = warmup + (1 if compile else 0)
+        batches = _loader(_batch_source(cfg, data, seed), warm + steps, workers)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         clock = _Clock(device)
         max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else math.inf
-        for i in range(warmup + steps):
-            if compile and i == 1:        # step 0 runs eagerly: it records the kernels used
+        for i in range(warm + steps):
+            if compile and i == 1:
                 row["compiled_blocks"] = _compile_blocks(model)
-            if i == warmup and device.type == "cuda":
+            if i == warm and device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
             r = (sample_num_recycles(seed, i, d.max_recycling_iters) if num_recycles is None else num_recycles)
@@ -225,7 +228,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
             marks.append(clock.mark())
             split = clock.split(marks)
             del out, loss, batch
-            if i >= warmup:
+            if i >= warm:
                 times.append(split)
                 recycles_used.append(r)
                 losses.append({k: float(v) for k, v in terms.items()})
