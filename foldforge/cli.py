@@ -174,6 +174,10 @@ def _bench_parser(sub) -> None:
     mc.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
     mc.add_argument("--kernels", default="reference", help="as for bench step (default reference)")
     mc.add_argument("--compile", action="store_true", help="torch.compile the blocks")
+    mck = mc.add_mutually_exclusive_group()
+    mck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None,
+                     help="activation checkpointing per block (default: the preset's setting)")
+    mck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     mc.add_argument("--start", type=int, default=256, help="first crop tried (default 256)")
     mc.add_argument("--limit", type=int, default=4096, help="largest crop tried (default 4096)")
     mc.add_argument("--results", default="benchmarks/results/train_step.jsonl", help="JSONL results file")
@@ -255,8 +259,8 @@ def _cmd_bench(args) -> int:
     if args.bench_cmd == "max-crop":
         from foldforge.bench.step import run_max_crop
 
-        run_max_crop(args.preset, kernels=args.kernels, compile=args.compile, start=args.start, limit=args.limit,
-                     results=Path(args.results))
+        run_max_crop(args.preset, kernels=args.kernels, compile=args.compile, checkpointing=args.checkpointing,
+                     start=args.start, limit=args.limit, results=Path(args.results))
         return 0
     from foldforge.bench.data import run_data_benchmark
 
