@@ -233,9 +233,9 @@ def _bwd_dx_kernel(DY, X, LW, LB, W1, B1, W2, Mean, Rstd, DX, DLWp, DLBp, M, C, 
         if HAS_DLB:
             dlb_acc += tl.sum(dz, axis=0)
     if HAS_DLW:
-        tl.store(DLWp + pid * C + cs, dlw_acc, mask=c_ok)
+        tl.store(DLWp + pid.to(tl.int64) * C + cs, dlw_acc, mask=c_ok)
     if HAS_DLB:
-        tl.store(DLBp + pid * C + cs, dlb_acc, mask=c_ok)
+        tl.store(DLBp + pid.to(tl.int64) * C + cs, dlb_acc, mask=c_ok)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split"])
@@ -303,14 +303,14 @@ def _bwd_dw_kernel(DY, X, LW, LB, W1, B1, W2, Mean, Rstd, DW1p, DW2p, DB1p, DB2p
     base2 = DW2p + pid_s.to(tl.int64) * H * C
     tl.store(base2 + hs[:, None] * C + cs[None, :], acc_w2, mask=wmask)
     if HAS_DB1:
-        tl.store(DB1p + pid_s * h1 + hs, db1a, mask=h_ok)
+        tl.store(DB1p + pid_s.to(tl.int64) * h1 + hs, db1a, mask=h_ok)
     if SWIGLU:
         tl.store(base1 + (hs[:, None] + H) * C + cs[None, :], acc_w1b, mask=wmask)
         if HAS_DB1:
-            tl.store(DB1p + pid_s * h1 + H + hs, db1b, mask=h_ok)
+            tl.store(DB1p + pid_s.to(tl.int64) * h1 + H + hs, db1b, mask=h_ok)
     if HAS_DB2:
         if pid_h == 0:
-            tl.store(DB2p + pid_s * C + cs, db2, mask=c_ok)
+            tl.store(DB2p + pid_s.to(tl.int64) * C + cs, db2, mask=c_ok)
 
 
 # ---------------------------------------------------------------- launch parameters
@@ -327,7 +327,9 @@ def default_config(c: int, h: int, swiglu: bool) -> dict:
     bc = max(16, _launch.next_pow2(c))
     bh_full = max(16, _launch.next_pow2(h))
     bm = 64 if bc <= 128 else 32 if bc <= 256 else 16
-    bh = min(bh_full, 32 if swiglu or bc >= 256 else 64)
+    # bc = 1024 (c in 513..1024): 16-row hidden slices; 32 needed 263 KB of shared memory for SwiGLU's dx
+    # kernel under Triton 3.6 on sm_90 (four [32, 1024] W1 operand copies), 16 halves it
+    bh = min(bh_full, 16 if bc >= 1024 else 32 if swiglu or bc >= 256 else 64)
     warps = 4 if bc <= 64 else 8
     return {
         "fwd": {"BLOCK_M": bm, "BLOCK_H": bh, "num_warps": warps, "num_stages": 2},
@@ -343,6 +345,14 @@ def config(device: torch.device, c: int, h: int, swiglu: bool) -> dict:
 
 
 # ---------------------------------------------------------------- forward / backward
+def _gemm_weights(w1: Tensor, w2: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """W1, W2 in the GEMM dtype. fp32 master weights are rounded once here (round to nearest, as the kernels
+    would): loaded as fp32 tiles, their software-pipelined buffers doubled the kernels' shared memory
+    (Triton on sm_90: 230 KB for SwiGLU dx at c = 384, 460 KB at c = 1024) and made a second binary per
+    kernel. Weights are small (2 n c^2 elements); the cast is one short copy."""
+    return (w1 if w1.dtype == dtype else w1.to(dtype)), (w2 if w2.dtype == dtype else w2.to(dtype))
+
+
 def _hidden(w1: Tensor, swiglu: bool) -> int:
     return w1.shape[0] // 2 if swiglu else w1.shape[0]
 
@@ -360,6 +370,7 @@ def forward(x: Tensor, lw: Tensor | None, lb: Tensor | None, w1: Tensor, b1: Ten
     if m == 0:
         return y, mean, rstd
     k = (cfg or config(x.device, c, h, swiglu))["fwd"]
+    w1, w2 = _gemm_weights(w1, w2, gemm_dtype)
     x, (d1, d2), (s0, s1, s2) = _launch.rows_2d(x)
     _fwd_kernel[(triton.cdiv(m, k["BLOCK_M"]),)](
         x, lw if lw is not None else y, lb if lb is not None else y, w1, b1 if b1 is not None else y, w2,
@@ -389,6 +400,7 @@ def backward(dy: Tensor, x: Tensor, lw: Tensor | None, lb: Tensor | None, w1: Te
     if not dy2.is_contiguous():
         dy2 = dy2.contiguous()
     cfg = cfg or config(x.device, c, h, swiglu)
+    w1, w2 = _gemm_weights(w1, w2, dy2.dtype)
     x, (d1, d2), (s0, s1, s2) = _launch.rows_2d(x)
     common = dict(HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_B1=b1 is not None, SWIGLU=swiglu,
                   RNE=_launch.interpreting(),

@@ -196,3 +196,28 @@ def test_fp32_routes_to_reference(activation):
                        transition_reference(x, p, activation=activation))
     with pytest.raises(NotImplementedError, match="transition"):
         K.transition(x, p, activation=activation, impl="triton")
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_tails_and_splits_stay_in_bounds(activation):
+    """Row count off every block size, several row tiles per dx program and several dW row splits (forced
+    through small tiles), every operand a view into a NaN-filled buffer: a read past a row, a hidden slice or
+    the last row picks up NaN, which reaches an output or gradient; the check runs on fp32 master weights."""
+    if HAS_CUDA:
+        pytest.skip("interpreter-scale guard test")
+    from foldforge.kernels import _transition_triton as T
+    g = gen(11)
+    rows, c, n = 101, 24, 2     # 7 row tiles: 4 dx programs of 2 tiles; 2 dW splits of 4
+    pad = lambda t: torch.nn.functional.pad(t, (0, 8, 0, 3), value=float("nan"))[: t.shape[0], : t.shape[1]]  # noqa: E731
+    x = pad(randn(rows, c, g=g, dtype=torch.bfloat16))
+    p = TransitionParams(*(t if t is None or t.dim() == 1 else pad(t) for t in _params(c, n, g, torch.float32, activation)))
+    dy = randn(rows, c, g=g, dtype=torch.bfloat16)
+    cfg = {"fwd": {"BLOCK_M": 16, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1},
+           "bwd_dx": {"BLOCK_M": 16, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 1},
+           "bwd_dw": {"BLOCK_M": 16, "BLOCK_H": 16, "num_warps": 4, "num_stages": 1, "programs_per_sm": 2}}
+    orig = T.config
+    T.config = lambda *a: cfg
+    try:
+        _check(x, p, dy, activation, name=f"guard {activation}")
+    finally:
+        T.config = orig
