@@ -48,6 +48,8 @@ def _inputs(rows, k, n, g, dtype, bias=True):
 @pytest.mark.parametrize("kn", WIDTHS, ids=[f"{k}x{n}" for k, n in WIDTHS])
 def test_matches_reference(kn, rows, dtype):
     k, n = kn
+    if HAS_CUDA and dtype == torch.float32 and k > 256:
+        pytest.skip("fp32 at K > 256 runs the reference on CUDA (gated_output.supports)")
     if not HAS_CUDA and rows == 1000 and k > 64:
         rows = 37             # interpreter time; 1000 rows are covered at K <= 64
     g = gen(k * 11 + rows)
