@@ -141,8 +141,22 @@ def run_data_benchmark(cache_dir: str | Path | None, preset: str, *, samples: in
         print(f"  {r['id']:>10}  L={r['length']:<5} depth={r['msa_depth']:<6} templates={r['num_templates']:<3} "
               f"{r['record_mib']:.2f} MiB  first load {r['first_load_ms']} ms  build {r['build_median_ms']:.2f} ms")
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(results, [row])
         print(f"  appended to {results}")
     return row
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append benchmark rows (one JSON object per line) to ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from foldforge.bench.data import _cpu_name, _git_commit
+from foldforge.bench.data import _cpu_name, _git_commit, append_jsonl, triton_version
 from foldforge.bench.shapes import (DROPOUT_SHAPES, GATED_OUTPUT_SHAPES, LAYER_NORM_SHAPES, LN_LINEAR_SHAPES,
                                     QUICK_DROPOUT_SHAPES, QUICK_GATED_OUTPUT_SHAPES, QUICK_LAYER_NORM_SHAPES,
                                     QUICK_LN_LINEAR_SHAPES, QUICK_TRANSITION_SHAPES, TRANSITION_SHAPES, OpShape)
@@ -116,6 +116,21 @@ def _quantiles(ms: list[float]) -> dict[str, float]:
     a = np.asarray(ms)
     return {"median_ms": float(np.median(a)), "p20_ms": float(np.percentile(a, 20)),
             "p80_ms": float(np.percentile(a, 80)), "reps": len(ms)}
+
+
+def allow_recompiles() -> None:
+    """torch.compile once per shape: the default limit (8 graphs per code object) would stop recompiling."""
+    dyn = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, name, max(getattr(dyn, name), 64))
+
+
+def op_meta(op: str, dtype: str, device: torch.device) -> dict:
+    """The fields every ``bench ops`` row carries: op, dtype, GPU (or CPU) name, versions, commit, date."""
+    return {"bench": "ops", "op": op, "dtype": dtype,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+            "torch": torch.__version__, "triton": triton_version(), "python": platform.python_version(),
+            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 # ---------------------------------------------------------------- inputs and implementations
@@ -235,15 +250,9 @@ def run_ops_benchmark(op: str, shape_set: str = "all", *, quick: bool = False, d
     full, small = _SHAPES[op]
     shapes = small if quick else tuple(s for s in full if shape_set == "all" or s.family == shape_set)
     torch_dtype = _DTYPES[dtype]
-    # compile once per shape; the defaults (8 graphs per code object) would stop recompiling
-    dyn = torch._dynamo.config
-    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-    setattr(dyn, name, max(getattr(dyn, name), 64))
+    allow_recompiles()
     timer = _Timer(device, warmup_ms, reps)
-    meta = {"bench": "ops", "op": op, "dtype": dtype,
-            "gpu": torch.cuda.get_device_name(device) if on_gpu else _cpu_name(),
-            "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = op_meta(op, dtype, device)
     rows = []
     for s in shapes:
         dims = _dims(op, s)
@@ -275,10 +284,7 @@ def run_ops_benchmark(op: str, shape_set: str = "all", *, quick: bool = False, d
             log(f"{op:10s} {s.name:16s} {r['impl']:9s} {r.get('design') or '':6s} {r['mode']:7s} "
                 f"{r['median_ms']:9.4f} ms  peak {r['peak_mem_mib']} MiB")
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        append_jsonl(results, rows)
     return rows
 
 
@@ -294,14 +300,6 @@ def _add_bandwidth(rows: list[dict], s: OpShape, dtype: torch.dtype) -> None:
         r["bytes"] = moved
         r["gbps"] = float(f"{moved / r['median_ms'] / 1e6:.4g}")
         r["pct_of_copy_bw"] = float(f"{100 * r['gbps'] / copy_gbps:.4g}")
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 # ---------------------------------------------------------------- report

@@ -24,16 +24,13 @@ and ours (through the Triton interpreter) run, on tiny shapes: a schema check, n
 """
 from __future__ import annotations
 
-import datetime as dt
-import json
-import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from foldforge.bench.data import _cpu_name, _git_commit
-from foldforge.bench.ops import MODES, _DTYPES, _Timer, _triton_version
+from foldforge.bench.data import append_jsonl
+from foldforge.bench.ops import MODES, _DTYPES, _Timer, allow_recompiles, op_meta
 from foldforge.bench.shapes import ATTENTION_SHAPES, QUICK_ATTENTION_SHAPES, AttentionShape
 from foldforge.kernels.attention import evo_attention_reference, evo_attention_triton
 
@@ -178,14 +175,9 @@ def run_attention_benchmark(shape_set: str = "all", *, quick: bool = False, dtyp
     else:
         shapes = tuple(s for s in ATTENTION_SHAPES if shape_set == "all" or s.family == shape_set)
     torch_dtype = _DTYPES[dtype]
-    dyn = torch._dynamo.config
-    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-    setattr(dyn, name, max(getattr(dyn, name), 64))
+    allow_recompiles()
     timer = _Timer(device, warmup_ms, reps)
-    meta = {"bench": "ops", "op": OP, "dtype": dtype,
-            "gpu": torch.cuda.get_device_name(device) if on_gpu else _cpu_name(),
-            "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = op_meta(OP, dtype, device)
     impls = _implementations(on_gpu, ours, log)
     rows: list[dict] = []
     for s in shapes:
@@ -218,10 +210,7 @@ def run_attention_benchmark(shape_set: str = "all", *, quick: bool = False, dtyp
             log(f"{OP:9s} {s.name:20s} {r['impl']:9s} {r.get('design') or '':13s} {r['mode']:18s} "
                 f"{r['median_ms']:9.4f} ms  peak {r['peak_mem_mib']} MiB")
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        append_jsonl(results, rows)
     return rows
 
 

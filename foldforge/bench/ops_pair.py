@@ -11,17 +11,14 @@ peak MiB, gpu, versions, commit, date). Activations in ``dtype``, parameters fp3
 """
 from __future__ import annotations
 
-import datetime as dt
 import inspect
-import json
-import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from foldforge.bench.data import _cpu_name, _git_commit
-from foldforge.bench.ops import MODES, _Timer, _triton_version
+from foldforge.bench.data import append_jsonl
+from foldforge.bench.ops import MODES, _Timer, allow_recompiles, op_meta
 from foldforge.bench.shapes import (
     OPM_SHAPES,
     QUICK_OPM_SHAPES,
@@ -137,20 +134,11 @@ def _measure(f: Callable, ins: tuple, timer: _Timer) -> list[dict]:
     return [{"mode": mode, **timer(fns[mode]), "peak_mem_mib": timer.peak_mib(fns[mode])} for mode in MODES]
 
 
-def _meta(op: str, dtype: str, device: torch.device) -> dict:
-    return {"bench": "ops", "op": op, "dtype": dtype,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-            "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
-            "commit": _git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-
-
 def _run(op, shapes, make_inputs, make_fn, impls, dims, dtype, results, warmup_ms, reps, log) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dyn = torch._dynamo.config
-    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-    setattr(dyn, name, max(getattr(dyn, name), 64))
+    allow_recompiles()
     timer = _Timer(device, warmup_ms, reps)
-    meta = _meta(op, dtype, device)
+    meta = op_meta(op, dtype, device)
     rows = []
     for s in shapes:
         ins = make_inputs(s, _DTYPES[dtype], device)
@@ -188,10 +176,7 @@ def _run(op, shapes, make_inputs, make_fn, impls, dims, dtype, results, warmup_m
                     f"peak {r['peak_mem_mib']} MiB")
         del ins
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
+        append_jsonl(results, rows)
     return rows
 
 

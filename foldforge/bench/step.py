@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from foldforge.bench.data import _cpu_name, _git_commit
+from foldforge.bench.data import _cpu_name, _git_commit, append_jsonl, triton_version
 from foldforge.bench.flops import train_step_flops
 from foldforge.config import KernelConfig, RunConfig
 from foldforge.data.batch import collate
@@ -201,10 +201,15 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         # with compile: one more untimed step first (eager, records the kernels used), then compile, so the
         # compilation itself and its recompiles (grad / no-grad graphs) fall in the warm-up steps
         warm = warmup + (1 if compile else 0)
-        batches = _loader(_batch_source(cfg, data, seed), warm + steps, workers)
+        batches = _loader(_batch_source(cfg, data, seed), warm + steps + int(profile), workers)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         clock = _Clock(device)
         max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else math.inf
+
+        def one_step(r: int, mark: Callable[[], None] = lambda: None) -> dict:
+            return _one_step(model, opt, ema, params, batches, device=device, autocast=autocast, r=r, cfg=cfg,
+                             max_norm=max_norm, mark=mark)
+
         for i in range(warm + steps):
             if compile and i == 1:
                 row["compiled_blocks"] = _compile_blocks(model)
@@ -213,21 +218,8 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
                 torch.cuda.reset_peak_memory_stats(device)
             r = (sample_num_recycles(seed, i, d.max_recycling_iters) if num_recycles is None else num_recycles)
             marks = [clock.mark()]
-            batch = next(batches).to(device, non_blocking=True).as_dict()
-            marks.append(clock.mark())
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                out = model(batch, num_recycles=r)
-            loss, terms = af2_loss(out, batch, cfg.loss)
-            marks.append(clock.mark())
-            loss.backward()
-            marks.append(clock.mark())
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-            opt.step()
-            ema.update(model)
-            marks.append(clock.mark())
+            terms = one_step(r, lambda: marks.append(clock.mark()))
             split = clock.split(marks)
-            del out, loss, batch
             if i >= warm:
                 times.append(split)
                 recycles_used.append(r)
@@ -235,10 +227,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         row["oom"], row["error"] = False, None
         if profile:
             row["profile_top"] = _profile_one_step(
-                lambda: _one_step(model, opt, ema, params, next_batch=lambda: next(
-                    _loader(_batch_source(cfg, data, seed), 1, 0)), device=device, autocast=autocast,
-                    r=d.max_recycling_iters if num_recycles is None else num_recycles, cfg=cfg, max_norm=max_norm),
-                device)
+                lambda: one_step(d.max_recycling_iters if num_recycles is None else num_recycles), device)
     except torch.cuda.OutOfMemoryError as e:   # a result: this configuration does not fit
         row["oom"], row["error"] = True, str(e).splitlines()[0][:300]
     except NotImplementedError as e:          # impl="triton" for an op that cannot run these inputs
@@ -246,7 +235,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
     finally:
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
-        del model, opt, ema
+        model = opt = ema = None   # free the model before the next configuration is built
         _free_memory()
     ok = len(times) == steps and steps > 0
     row["kernels_used"] = _dispatch.resolutions()
@@ -266,7 +255,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
     row.update({
         "peak_allocated_gib": None if peak is None else round(peak / 2**30, 3),
         "peak_reserved_gib": None if reserved is None else round(reserved / 2**30, 3),
-        "device": device_name(device), "torch": torch.__version__, "triton": _triton_version(),
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
         "python": platform.python_version(), "commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     })
@@ -277,23 +266,28 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
                       + ("" if num_recycles is None else f" --recycles {num_recycles}"))
     log(summary_line(row))
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(results, [row])
     return row
 
 
-def _one_step(model, opt, ema, params, *, next_batch, device, autocast, r: int, cfg: RunConfig,
-              max_norm: float) -> None:
-    batch = next_batch().to(device, non_blocking=True).as_dict()
+def _one_step(model, opt, ema, params, batches, *, device, autocast, r: int, cfg: RunConfig, max_norm: float,
+              mark: Callable[[], None]) -> dict:
+    """One training step on the next batch; ``mark()`` after each phase (data, forward + loss, backward,
+    optimizer + EMA). Returns the loss terms (tensors)."""
+    batch = next(batches).to(device, non_blocking=True).as_dict()
+    mark()
     opt.zero_grad(set_to_none=True)
     with autocast:
         out = model(batch, num_recycles=r)
-    loss, _ = af2_loss(out, batch, cfg.loss)
+    loss, terms = af2_loss(out, batch, cfg.loss)
+    mark()
     loss.backward()
+    mark()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
     ema.update(model)
+    mark()
+    return terms
 
 
 def _profile_one_step(fn: Callable[[], None], device: torch.device, top: int = 25) -> list[dict]:
@@ -311,14 +305,6 @@ def _profile_one_step(fn: Callable[[], None], device: torch.device, top: int = 2
     total = sum(key(e) for e in events) or 1.0
     return [{"name": e.key[:120], "ms": key(e) / 1e3, "share": key(e) / total, "calls": e.count}
             for e in events[:top]]
-
-
-def _triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 def summary_line(row: dict) -> str:
@@ -410,9 +396,7 @@ def run_max_crop(preset: str, *, kernels: str = "reference", compile: bool = Fal
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     log(f"max crop [{kernels}{' + compile' if compile else ''}]: {lo} (first OOM: {row['first_oom']})")
     if results is not None:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        with open(results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(results, [row])
     return row
 
 

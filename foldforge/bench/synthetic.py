@@ -92,9 +92,11 @@ def synthetic_msa(query: np.ndarray, depth: int, rng: np.random.Generator) -> MS
                source="synthetic")
 
 
+@functools.lru_cache(maxsize=4)
 def synthetic_record(length: int, msa_depth: int, num_templates: int, seed: int = 0
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Arrays and metadata of one synthetic chain record (same schema as a cache record)."""
+    """Arrays and metadata of one synthetic chain record (same schema as a cache record). Cached: an
+    ablation builds the same record for every configuration; callers must not modify what they get."""
     rng = np.random.default_rng(seed)
     structure, chain = synthetic_chain(length)
     msa = synthetic_msa(chain.aatype, max(1, msa_depth), rng)
@@ -116,8 +118,7 @@ def synthetic_batch_source(cfg: DataConfig, *, seed: int = 0, length: int | None
     length = cfg.crop_size if length is None else length
     # MSA block deletion (AF2 Suppl. Alg. 1) drops up to ~70% of the rows: 4x keeps both stacks full
     depth = 4 * (cfg.max_msa_clusters + cfg.max_extra_msa)
-    arrays, _meta = synthetic_record(length, depth, cfg.max_templates, seed)
-    arrays["resolution"] = np.float32(2.0)
+    arrays = {**synthetic_record(length, depth, cfg.max_templates, seed)[0], "resolution": np.float32(2.0)}
 
     def sample(i: int) -> AF2Batch:
         return AF2Batch.from_numpy(make_af2_batch(arrays, cfg, np.random.default_rng([seed, i]), train=True))

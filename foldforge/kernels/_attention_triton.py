@@ -372,12 +372,6 @@ def clear_config_cache() -> None:
     _CONFIGS.clear()
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    # fp32 inputs follow torch's matmul setting: IEEE fp32 unless TF32 was allowed
-    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"DOT_F32": _launch.interpreting(), "PREC": prec}
-
-
 def _lse_lo(P: "Problem") -> dict:
     return {"LSE_LO": P.q.dtype == torch.float32}
 
@@ -402,7 +396,7 @@ class Problem:
         self.k = k.reshape(B, S, LK, H, D)
         self.v = v.reshape(B, S, LK, H, D)
         self.scale = float(scale)
-        self.dot = _dot_args(q.dtype)
+        self.dot = _launch.dot_args(q.dtype, follow_torch_tf32=True)
         nd = q.dim()
         if bias is not None:
             bias = bias.reshape((1,) * (nd - bias.dim()) + tuple(bias.shape))

@@ -25,7 +25,7 @@ from torch import Tensor
 from foldforge.kernels import _launch
 from foldforge.kernels._layer_norm_triton import _row_offsets
 from foldforge.kernels._ln_linear_triton import _grid_split
-from foldforge.kernels._transition_triton import _dot_args, mma, to_dtype
+from foldforge.kernels._transition_triton import mma, to_dtype
 
 
 @triton.jit
@@ -178,7 +178,8 @@ def forward(o: Tensor, g: Tensor, w: Tensor, b: Tensor | None, gemm_dtype: torch
     o2, g2, lay = _layouts(o, g)
     grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
     _fwd_kernel[grid](o2, g2, w, b if b is not None else y, y, m, k, n, *lay, w.stride(0), w.stride(1),
-                      HAS_BIAS=b is not None, RNE=_launch.interpreting(), **_dot_args(g.device, gemm_dtype),
+                      HAS_BIAS=b is not None, RNE=_launch.interpreting(),
+                      **_launch.dot_args(gemm_dtype, follow_torch_tf32=False),
                       BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                       num_warps=c["num_warps"], num_stages=c["num_stages"])
     return y
@@ -203,7 +204,7 @@ def backward(dy: Tensor, o: Tensor, g: Tensor, w: Tensor, *, need_db: bool,
                 torch.zeros(n, **f32) if need_db else None)
     cfg = cfg or config(g.device, k, n)
     o2, g2, lay = _layouts(o, g)
-    dots = dict(_dot_args(g.device, dy2.dtype), RNE=_launch.interpreting())
+    dots = dict(_launch.dot_args(dy2.dtype, follow_torch_tf32=False), RNE=_launch.interpreting())
     c = cfg["bwd_dx"]
     _bwd_dx_kernel[(triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(k, c["BLOCK_K"]))](
         dy2, o2, g2, w, do, dg, m, k, n, *lay, w.stride(0), w.stride(1), **dots,

@@ -48,6 +48,20 @@ def device_ok(t: Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpreting())
 
 
+def dot_args(dtype: torch.dtype, *, follow_torch_tf32: bool) -> dict:
+    """``tl.dot`` launch arguments shared by the kernels: ``DOT_F32`` and ``PREC``.
+
+    Triton 3.9's interpreter multiplies bf16 dot operands as their raw 16-bit storage, so under the
+    interpreter operands already rounded to the GEMM dtype go to ``tl.dot`` as fp32 (``DOT_F32``): the same
+    products, accumulated in fp32 as on the GPU. 16-bit operands use tensor cores either way. fp32 operands:
+    IEEE products, or -- with ``follow_torch_tf32`` -- TF32 when torch's matmul TF32 switch is on (the kernels
+    that mirror a torch matmul follow its setting; the fused pair/transition kernels always use IEEE, since
+    TF32 is a 16-bit-class precision they offer as bf16).
+    """
+    tf32 = dtype != torch.float32 or (follow_torch_tf32 and torch.backends.cuda.matmul.allow_tf32)
+    return {"DOT_F32": interpreting(), "PREC": "tf32" if tf32 else "ieee"}
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -38,6 +38,20 @@ def _row_offsets(rows, D1, D2, s0, s1, s2):
     return i0 * s0 + i1 * s1 + i2 * s2
 
 
+@triton.jit
+def _cv(x, ACT: tl.constexpr, INTERP: tl.constexpr):
+    """fp32 -> act, rounded to nearest even (shared by the kernels that round intermediates). Triton 3.9's
+    interpreter truncates fp32 -> bf16 casts (measured: 1-ulp errors of one sign, which doubled the bf16
+    error of every output), so under the interpreter the rounding is done on the bits first; compiled
+    kernels cast directly."""
+    if INTERP:
+        if ACT == tl.bfloat16:
+            b = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(ACT)
+
+
 # Row counts are not specialised (Triton would compile a variant for M == 1 and for M % 16 == 0): they only
 # enter masks, and crops of every size must reuse one binary. Widths and strides stay specialised (16-byte loads).
 @triton.jit(do_not_specialize=["M"])

@@ -246,15 +246,6 @@ def config(device: torch.device, k: int, n: int, gemm_dtype: torch.dtype = torch
     return cfg
 
 
-def _dot_args(device: torch.device, gemm_dtype: torch.dtype) -> dict:
-    # Triton 3.9's interpreter multiplies bf16 dot operands as their raw uint16 storage (measured: error
-    # 5e10 on a 16x32x16 product), so under the interpreter operands already rounded to the GEMM dtype
-    # go to tl.dot as fp32 -- the same products, accumulated in fp32 as on the GPU.
-    # fp32 inputs follow torch's matmul setting: IEEE fp32 unless TF32 was allowed.
-    prec = "tf32" if gemm_dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"DOT_F32": _launch.interpreting(), "PREC": prec}
-
-
 def _grid_split(tiles: int, programs: int) -> tuple[int, int]:
     programs = max(1, min(tiles, programs))
     per = triton.cdiv(tiles, programs)
@@ -296,7 +287,8 @@ def forward(x: Tensor, lw: Tensor | None, lb: Tensor | None, w: Tensor, b: Tenso
     _fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
         x, lw if lw is not None else y, lb if lb is not None else y, w, b if b is not None else y, y, mean, rstd,
         m, k, n, d1, d2, s0, s1, s2, w.stride(0), w.stride(1), eps,
-        HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_BIAS=b is not None, **_dot_args(x.device, gemm_dtype),
+        HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_BIAS=b is not None,
+        **_launch.dot_args(gemm_dtype, follow_torch_tf32=True),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=bk, BLOCK_N=c["BLOCK_N"], num_warps=c["num_warps"],
         num_stages=c["num_stages"])
     return y, mean, rstd
@@ -353,7 +345,7 @@ def fused_bwd_dx(dy2, x, lw, lb, w, mean, rstd, need_dlw, need_dlb, c, dw_db: bo
         dy2, w, x, lw if lw is not None else dx, lb if lb is not None else dx, mean, rstd, dx, dlwp, dlbp,
         dwp, dbp, m, k, n, d1, d2, s0, s1, s2, w.stride(0), w.stride(1), per,
         HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_DLW=need_dlw, HAS_DLB=need_dlb,
-        FUSE_DW=fuse, HAS_DB=bool(fuse and dw_db), **_dot_args(x.device, dy2.dtype),
+        FUSE_DW=fuse, HAS_DB=bool(fuse and dw_db), **_launch.dot_args(dy2.dtype, follow_torch_tf32=True),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=max(16, _launch.next_pow2(k)), BLOCK_N=c["BLOCK_N"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     # second pass: fixed-order sums of the per-program partials
@@ -373,7 +365,8 @@ def fused_bwd_dw(dy2, x, lw, lb, mean, rstd, need_db, c):
     _bwd_dw_kernel[(n_tiles, splits)](
         dy2, x, lw if lw is not None else dwp, lb if lb is not None else dwp, mean, rstd, dwp, dbp,
         m, k, n, d1, d2, s0, s1, s2, per,
-        HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_DB=need_db, **_dot_args(x.device, dy2.dtype),
+        HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_DB=need_db,
+        **_launch.dot_args(dy2.dtype, follow_torch_tf32=True),
         BLOCK_M=c["BLOCK_M"], BLOCK_K=max(16, _launch.next_pow2(k)), BLOCK_N=c["BLOCK_N"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     # second pass: fixed-order sums of the per-split partials

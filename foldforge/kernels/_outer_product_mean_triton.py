@@ -29,8 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _row_offsets
-from foldforge.kernels._triangle_mult_triton import _cv, _proj
+from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
+from foldforge.kernels._triangle_mult_triton import _proj
 
 MAX_C = 32                     # the [BI*C, BJ*C] accumulator is 128 x 128 fp32 at C = 32
 CHUNK_ELEMENTS = 1 << 24       # transient [chunk, L, C*C] buffers of the backward
@@ -196,11 +196,6 @@ def config(device: torch.device, c: int) -> dict:
     return _launch.tuned(device, "outer_product_mean", str(max(4, _launch.next_pow2(c)))) or default_config(c)
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return {"DOT_F32": _launch.interpreting(), "PREC": prec}
-
-
 def _bmm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     """Batched ``a @ b``, fp32 accumulation, one rounding to ``out_dtype``."""
     if a.is_cuda:
@@ -245,7 +240,7 @@ def forward(m: Tensor, mask: Tensor | None, params: list[Tensor], eps: float, ln
     rstd = torch.empty_like(mean)
     mm, (d1, d2), (s0, s1, s2) = _launch.rows_2d(m)
     pb = _proj_block(k, c)
-    dot = _dot_args(act)
+    dot = _launch.dot_args(act, follow_torch_tf32=True)
     _proj_fwd_kernel[(triton.cdiv(rows, pb["BLOCK_M"]),)](
         mm, maskf, lnw, lnb, w1.contiguous(), b1, w2.contiguous(), b2, a, b, mean, rstd, rows, k, c,
         d1, d2, s0, s1, s2, ln_eps, **dot, BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
@@ -310,7 +305,8 @@ def backward(dout: Tensor, m: Tensor, params: list[Tensor], mean: Tensor, rstd: 
     mm, (d1, d2), (s0, s1, s2) = _launch.rows_2d(m)
     _proj_bwd_kernel[(tiles,)](
         mm, maskf, lnw, lnb, w1.contiguous(), w2.contiguous(), mean, rstd, da, db, dpre, z, dm, dlw_p, dlb_p,
-        db_p, rows, k, c, d1, d2, s0, s1, s2, **_dot_args(act), BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
+        db_p, rows, k, c, d1, d2, s0, s1, s2, **_launch.dot_args(act, follow_torch_tf32=True),
+        BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
         BLOCK_C=pb["BLOCK_C"], num_warps=pb["num_warps"])
     dw_cat = _mm_f32(dpre.t(), z)                                               # [2C, c_m]
     db_cat = db_p.sum(0)

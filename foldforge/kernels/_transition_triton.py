@@ -27,31 +27,15 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _row_offsets
+from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
 from foldforge.kernels._ln_linear_triton import _grid_split
-
-
-def _dot_args(device: torch.device, gemm_dtype: torch.dtype) -> dict:
-    """tl.dot arguments. fp32 operands always multiply in IEEE fp32 (``"ieee"``), whatever torch's TF32
-    switch says: TF32 is a 16-bit-class precision, which the kernels offer as bf16. 16-bit operands:
-    tensor cores, fp32 accumulation. Triton 3.9's interpreter multiplies bf16 dot operands as their raw
-    uint16 storage, so under the interpreter operands already rounded to the GEMM dtype go to tl.dot as
-    fp32 (``DOT_F32``) -- the same products, accumulated in fp32 as on the GPU."""
-    return {"DOT_F32": _launch.interpreting(), "PREC": "ieee" if gemm_dtype == torch.float32 else "tf32"}
 
 
 @triton.jit
 def to_dtype(x, REF, RNE: tl.constexpr):
-    """fp32 ``x`` in the element dtype of pointer ``REF``. RNE (set only under the interpreter): round to
-    nearest even by hand first, because Triton 3.9's interpreter truncates fp32 -> bf16 (measured: every
-    converted value moved toward zero, up to 1 ulp), a bias that compounds over the kernel's roundings;
-    the GPU's conversion already rounds to nearest."""
-    if RNE:
-        if REF.dtype.element_ty == tl.bfloat16:
-            b = x.to(tl.uint32, bitcast=True)
-            b = b + (0x7FFF + ((b >> 16) & 1))
-            x = ((b >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(REF.dtype.element_ty)
+    """fp32 ``x`` in the element dtype of pointer ``REF``, rounded to nearest even also under the
+    interpreter (``RNE``): see :func:`_layer_norm_triton._cv`."""
+    return _cv(x, REF.dtype.element_ty, RNE)
 
 
 @triton.jit
@@ -377,7 +361,7 @@ def forward(x: Tensor, lw: Tensor | None, lb: Tensor | None, w1: Tensor, b1: Ten
         b2 if b2 is not None else y, y, mean, rstd, m, c, h, d1, d2, s0, s1, s2,
         w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1), eps,
         HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
-        SWIGLU=swiglu, RNE=_launch.interpreting(), **_dot_args(x.device, gemm_dtype),
+        SWIGLU=swiglu, RNE=_launch.interpreting(), **_launch.dot_args(gemm_dtype, follow_torch_tf32=False),
         BLOCK_M=k["BLOCK_M"], BLOCK_C=max(16, _launch.next_pow2(c)), BLOCK_H=k["BLOCK_H"],
         num_warps=k["num_warps"], num_stages=k["num_stages"])
     return y, mean, rstd
@@ -404,7 +388,7 @@ def backward(dy: Tensor, x: Tensor, lw: Tensor | None, lb: Tensor | None, w1: Te
     x, (d1, d2), (s0, s1, s2) = _launch.rows_2d(x)
     common = dict(HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_B1=b1 is not None, SWIGLU=swiglu,
                   RNE=_launch.interpreting(),
-                  BLOCK_C=max(16, _launch.next_pow2(c)), **_dot_args(x.device, dy2.dtype))
+                  BLOCK_C=max(16, _launch.next_pow2(c)), **_launch.dot_args(dy2.dtype, follow_torch_tf32=False))
     ptrs = (dy2, x, lw if lw is not None else dx, lb if lb is not None else dx, w1, b1 if b1 is not None else dx,
             w2, mean, rstd)
     strides = (w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1))

@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _row_offsets
+from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
 
 MAX_C = 256      # c_z and c_hidden are each held as one register tile per row
 
@@ -76,19 +76,6 @@ def _rstd(sum_sq, n, eps):
     """``1 / sqrt(sum_sq / n + eps)`` correctly rounded in each step (``tl.sqrt`` is the approximate square
     root), as the fp32 reference computes its LayerNorm statistics."""
     return _div(tl.zeros_like(sum_sq) + 1.0, tl.sqrt_rn(_div(sum_sq, n) + eps))
-
-
-@triton.jit
-def _cv(x, ACT: tl.constexpr, INTERP: tl.constexpr):
-    """fp32 -> act, rounded to nearest even. Triton 3.9's interpreter truncates fp32 -> bf16 casts
-    (measured: 1-ulp errors of one sign, which doubled the bf16 error of every output), so under the
-    interpreter the rounding is done on the bits first; compiled kernels cast directly."""
-    if INTERP:
-        if ACT == tl.bfloat16:
-            b = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
-            x = b.to(tl.float32, bitcast=True)
-    return x.to(ACT)
 
 
 @triton.jit
@@ -347,14 +334,6 @@ def config(device: torch.device, k: int, c: int) -> dict:
     return _launch.tuned(device, "triangle_mult", bucket(k, c)) or default_config(k, c)
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    # Triton 3.9's interpreter multiplies bf16 dot operands as their raw 16-bit storage, so under the
-    # interpreter operands already rounded to the activation dtype go to tl.dot as fp32 (same products).
-    # fp32 activations: IEEE products always (tl.dot's default for fp32 on the GPU is TF32, 10-bit
-    # mantissas), matching the fp32 reference with TF32 off; 16-bit operands are exact in either mode.
-    return {"DOT_F32": _launch.interpreting(), "PREC": "ieee" if dtype == torch.float32 else "tf32"}
-
-
 class _IEEEMatmul:
     """cuBLAS in full precision for the duration: TF32 off for fp32 GEMMs, and no reduced-precision
     (16-bit) split-K reductions in the 16-bit GEMMs. The flags are only written when one is on, so the
@@ -438,7 +417,7 @@ def forward(z: Tensor, mask: Tensor | None, params: list[Tensor], outgoing: bool
     zz, (d1, d2), (s0, s1, s2) = _launch.rows_2d(z)
     bk = max(16, _launch.next_pow2(k))
     bc = max(16, _launch.next_pow2(c))
-    dot = _dot_args(act)
+    dot = _launch.dot_args(act, follow_torch_tf32=False)
     cp = cfg["proj_fwd"]
     _proj_fwd_kernel[(triton.cdiv(m, cp["BLOCK_M"]),)](
         zz, maskf if maskf is not None else a, lnw, lnb, wap.contiguous(), bap, wag.contiguous(), bag,
@@ -466,7 +445,7 @@ def backward(dy: Tensor, z: Tensor, mask: Tensor | None, params: list[Tensor], m
     f32 = dict(dtype=torch.float32, device=dev)
     bk = max(16, _launch.next_pow2(k))
     bc = max(16, _launch.next_pow2(c))
-    dot = _dot_args(act)
+    dot = _launch.dot_args(act, follow_torch_tf32=False)
     dy = dy.reshape(m, k)
     if not dy.is_contiguous():
         dy = dy.contiguous()
