@@ -105,6 +105,27 @@ def _cmd_info(args) -> int:
     return 1 if summary.get("corrupt") else 0
 
 
+def _kernels_arg(spec: str) -> str:
+    """argparse type of --kernels: the spec unchanged if it parses, else a usage error naming the bad entry."""
+    from foldforge.bench.step import parse_kernels
+
+    try:
+        parse_kernels(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--kernels: ")) from None
+    return spec
+
+
+def _kernel_ops_arg(spec: str) -> tuple[str, ...]:
+    from foldforge.bench.step import KERNEL_OPS
+
+    ops = tuple(o.strip() for o in spec.split(",") if o.strip())
+    bad = [o for o in ops if o not in KERNEL_OPS]
+    if bad or not ops:
+        raise argparse.ArgumentTypeError(f"unknown kernel op(s) {bad or spec!r}; choose from {KERNEL_OPS}")
+    return ops
+
+
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: data (record -> batch), step / ablation / max-crop (whole "
                                      "training steps), ops (kernels)")
@@ -140,7 +161,7 @@ def _bench_parser(sub) -> None:
                                      "reserved memory, samples/s and achieved TFLOP/s (analytic matmul FLOP "
                                      "count, foldforge/bench/flops.py). Appends one JSONL row.")
     step_args(st)
-    st.add_argument("--kernels", default="reference",
+    st.add_argument("--kernels", default="reference", type=_kernels_arg,
                     help="reference | triton | auto, or op=impl,... with op in attention, layer_norm, "
                          "triangle_mult, outer_product_mean, transition, gated_output (default reference)")
     st.add_argument("--compile", action="store_true", help="torch.compile every Evoformer/extra-MSA/template block")
@@ -157,7 +178,7 @@ def _bench_parser(sub) -> None:
     ab.add_argument("--report", help="write a markdown report (and a PNG chart beside it) to this path, from every "
                                      "row of the results file with this preset, crop, GPU and commit (so a ladder "
                                      "split over several invocations reports as one)")
-    ab.add_argument("--kernel-ops", help="comma-separated kernel ops of the ladder (default: every op of "
+    ab.add_argument("--kernel-ops", type=_kernel_ops_arg, help="comma-separated kernel ops of the ladder (default: every op of "
                                          "KernelConfig); the others stay on the reference")
     ab.add_argument("--only", action="append", default=[], metavar="TEXT",
                     help="run only the configurations whose label contains TEXT (repeatable)")
@@ -172,7 +193,7 @@ def _bench_parser(sub) -> None:
                          description="Doubling then bisection over the crop size; one training step (0 recycles) "
                                      "per probe on synthetic data; OOM is caught and counted as 'does not fit'.")
     mc.add_argument("--preset", default="tiny_af2", help="model and data preset (default tiny_af2)")
-    mc.add_argument("--kernels", default="reference", help="as for bench step (default reference)")
+    mc.add_argument("--kernels", default="reference", type=_kernels_arg, help="as for bench step (default reference)")
     mc.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     mck = mc.add_mutually_exclusive_group()
     mck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None,
@@ -235,7 +256,7 @@ def _cmd_bench(args) -> int:
 
         from foldforge.bench.step import KERNEL_OPS, ablation_configs, rows_for_report
 
-        kernel_ops = tuple(args.kernel_ops.split(",")) if args.kernel_ops else KERNEL_OPS
+        kernel_ops = args.kernel_ops or KERNEL_OPS
         configs = [c for c in ablation_configs(kernel_ops)
                    if (not args.only or any(o in c["label"] for o in args.only))
                    and not any(x in c["label"] for x in args.exclude)]

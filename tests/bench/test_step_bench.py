@@ -138,3 +138,13 @@ def test_synthetic_batch_has_the_shapes_of_a_cached_one(tmp_path):
     pos = syn.all_atom_positions[:, 1]
     gaps = (pos[1:] - pos[:-1]).norm(dim=-1)
     assert float(gaps.median()) == pytest.approx(3.8, abs=0.1)
+
+
+def test_bad_kernel_specs_are_usage_errors(capsys):
+    for argv in (["bench", "step", "--kernels", "attn=triton"], ["bench", "max-crop", "--kernels", "cuda"],
+                 ["bench", "ablation", "--kernel-ops", "attention,foo"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad entry 'attn=triton'" in err and "bad entry 'cuda'" in err and "['foo']" in err
