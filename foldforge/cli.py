@@ -163,7 +163,7 @@ def _bench_parser(sub) -> None:
     step_args(st)
     st.add_argument("--kernels", default="reference", type=_kernels_arg,
                     help="reference | triton | auto, or op=impl,... with op in attention, layer_norm, "
-                         "triangle_mult, outer_product_mean, transition, gated_output (default reference)")
+                         "triangle_mult, outer_product_mean, transition, gated_output, dropout (default reference)")
     st.add_argument("--compile", action="store_true", help="torch.compile every Evoformer/extra-MSA/template block")
     ck = st.add_mutually_exclusive_group()
     ck.add_argument("--checkpointing", dest="checkpointing", action="store_true", default=None,

@@ -213,7 +213,10 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     max_nonfinite_in_a_row: int = 10        # NaN/Inf guard: stop after this many skipped updates in a row
-    target_lddt: float | None = None        # stop when the mean validation lDDT-Ca reaches this
+    target_lddt: float | None = None        # stop when the mean lDDT-Ca of ``target_split`` reaches this
+    target_split: str = "val"               # "val": held-out chains; "train": the training chains (below)
+    eval_train_chains: int = 0              # also evaluate the EMA weights on this many training chains
+                                            # (whole chains, like validation); -1: all of them, 0: none
     val_fraction: float = 0.1               # share of chains held out for validation (at least one)
 
 

@@ -4,7 +4,8 @@ Reads ``RUN_DIR/metrics.jsonl``, whose lines the training loop writes:
 
 - ``{"kind": "train", "step", "loss", <loss terms: fape_backbone, distogram, masked_msa, ...>, "lddt_ca",
   "lr", "grad_norm", "step_time", ...}``
-- ``{"kind": "eval", "step", "mean_lddt_ca", "mean_lddt", "per_chain": {id: {"lddt_ca", ...}}}``
+- ``{"kind": "eval", "step", "mean_lddt_ca", "mean_lddt", "per_chain": {id: {"lddt_ca", ...}}}`` and, when
+  training chains are evaluated too, the same keys prefixed ``train_``
 
 and writes ``losses.png`` (total loss and the main AF2 loss terms over steps, log scale),
 ``lddt_ca.png`` (training lDDT-Cα of the crops and evaluation mean lDDT-Cα of whole chains over steps)
@@ -131,8 +132,10 @@ def _plot_lddt(plt, train: list[dict], evals: list[dict], run_name: str, path: P
         if window > 1:
             ax.plot(steps, _smooth(values, window), color="tab:blue", linewidth=1.5,
                     label=f"train (crops, mean of {window})")
-    for key, label, color in (("mean_lddt_ca", "eval mean lDDT-Cα (whole chains)", "tab:red"),
-                              ("mean_lddt", "eval mean lDDT (all atoms)", "tab:orange")):
+    for key, label, color in (("mean_lddt_ca", "validation mean lDDT-Cα (EMA, whole chains)", "tab:red"),
+                              ("mean_lddt", "validation mean lDDT (all atoms)", "tab:orange"),
+                              ("train_mean_lddt_ca", "training chains mean lDDT-Cα (EMA, whole chains)",
+                               "tab:green")):
         s, v = _series(evals, key)
         if s:
             ax.plot(s, v, marker="o", linewidth=1.5, color=color, label=label)

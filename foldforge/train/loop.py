@@ -157,6 +157,14 @@ def train(cfg: RunConfig, env: D.DistEnv, run_dir: Path, data: str, *, resume: b
     cache = train_ds.cache
     train_idx, val_idx = split_records(cache.ids(), t.val_fraction)
     val_ds = AF2Dataset(subset_cache(cache, val_idx), cfg.data, seed=t.seed, train=False) if val_idx else None
+    n_fit = len(train_idx) if t.eval_train_chains < 0 else min(t.eval_train_chains, len(train_idx))
+    fit_ds = AF2Dataset(subset_cache(cache, train_idx[:n_fit]), cfg.data, seed=t.seed, train=False) \
+        if n_fit > 0 else None
+    if t.target_split not in ("val", "train"):
+        raise ValueError(f"train.target_split must be 'val' or 'train', not {t.target_split!r}")
+    target_key = "mean_lddt_ca" if t.target_split == "val" else "train_mean_lddt_ca"
+    target_ds = val_ds if t.target_split == "val" else fit_ds
+    has_eval = val_ds is not None or fit_ds is not None
     samples_per_step = t.batch_size * t.grad_accum * env.world_size
     sampler = D.ShardedKeySampler(
         train_idx, sampling_weights([cache.entries[i] for i in train_idx], cfg.data),
@@ -186,27 +194,35 @@ def train(cfg: RunConfig, env: D.DistEnv, run_dir: Path, data: str, *, resume: b
     metrics = MetricsLogger(run_dir, enabled=env.is_main)
     metrics.truncate_after(step if found is not None else -1)  # drop what a killed process logged later
     ddp_model = D.wrap_model(model, env)
-    eval_model = AlphaFold2(cfg.model).to(device) if (val_ds is not None and env.is_main) else None
+    eval_model = AlphaFold2(cfg.model).to(device) if (has_eval and env.is_main) else None
     n_params = sum(p.numel() for p in model.parameters())
     say(f"run {run_dir}: {cfg.name}, {n_params:,} parameters, {len(train_idx)} train / {len(val_idx)} val "
         f"chains, {env.world_size} x {device.type} {precision}, {samples_per_step} samples/step, "
         f"steps {step}->{t.max_steps}" + (f"; frozen (loss weight 0): {', '.join(frozen)}" if frozen else ""))
 
     def evaluate(at_step: int) -> float | None:
-        """EMA weights on the validation chains (rank 0); the mean lDDT-Ca is broadcast to all ranks."""
+        """EMA weights on the validation chains and (``train.eval_train_chains``) on training chains, rank 0;
+        the mean lDDT-Ca of ``train.target_split`` is broadcast to all ranks."""
         value = torch.zeros(1, dtype=torch.float64, device=device)
         if eval_model is not None:
             from foldforge.eval.evaluate import evaluate_model
 
             t0 = time.perf_counter()
-            res = evaluate_model(ema.copy_to(eval_model).eval(), val_ds, num_recycles=cfg.data.max_recycling_iters,
-                                 device=device, precision=precision)
-            metrics.log({"kind": "eval", "step": at_step, "mean_lddt_ca": res["mean_lddt_ca"],
-                         "mean_lddt": res.get("mean_lddt"), "per_chain": res.get("per_chain", {}),
-                         "eval_s": time.perf_counter() - t0})
-            value.fill_(res["mean_lddt_ca"])
-            bar.val = res["mean_lddt_ca"]
-        return float(D.broadcast_(value, env)) if val_ds is not None else None
+            ema.copy_to(eval_model).eval()
+            rec: dict = {"kind": "eval", "step": at_step}
+            for prefix, ds in (("", val_ds), ("train_", fit_ds)):
+                if ds is None:
+                    continue
+                res = evaluate_model(eval_model, ds, num_recycles=cfg.data.max_recycling_iters, device=device,
+                                     precision=precision)
+                rec.update({f"{prefix}mean_lddt_ca": res["mean_lddt_ca"], f"{prefix}mean_lddt": res.get("mean_lddt"),
+                            f"{prefix}per_chain": res.get("per_chain", {})})
+            rec["eval_s"] = time.perf_counter() - t0
+            metrics.log(rec)
+            if target_ds is not None:
+                value.fill_(rec[target_key])
+                bar.val = rec[target_key]
+        return float(D.broadcast_(value, env)) if target_ds is not None else None
 
     def save(at_step: int) -> None:
         if env.is_main:
@@ -220,10 +236,13 @@ def train(cfg: RunConfig, env: D.DistEnv, run_dir: Path, data: str, *, resume: b
     bar = Progress(step, t.max_steps, bar=progress, main=env.is_main)
     batches = pos.stream(loader, sampler)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    eval_due = lambda s: val_ds is not None and t.eval_every > 0 and (s % t.eval_every == 0 or s == t.max_steps)  # noqa: E731
+    eval_due = lambda s: has_eval and t.eval_every > 0 and (s % t.eval_every == 0 or s == t.max_steps)  # noqa: E731
     target, reached = t.target_lddt, None
-    if target is not None and (val_ds is None or t.eval_every <= 0):
-        raise ValueError("--target-lddt needs validation (train.val_fraction > 0 and train.eval_every > 0)")
+    if target is not None and (target_ds is None or t.eval_every <= 0):
+        raise ValueError(f"--target-lddt with train.target_split={t.target_split!r} needs "
+                         + ("validation (train.val_fraction > 0" if t.target_split == "val"
+                            else "training chains to evaluate (train.eval_train_chains != 0")
+                         + " and train.eval_every > 0)")
     if step == 0 and eval_due(0):
         evaluate(0)
     if device.type == "cuda":
@@ -325,15 +344,19 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 def _summary(run_dir: Path, cfg: RunConfig, step: int, wall_s: float, nonfinite_total: int,
              reached: dict | None) -> dict:
-    """lDDT-Ca start -> end (train: mean of the first/last 10 logged steps; validation: first/last eval),
+    """lDDT-Ca start -> end (train: mean of the first/last 10 logged steps; validation and training chains
+    evaluated whole with the EMA weights: first/last eval),
     time to target; written to RUN_DIR/summary.json."""
     tr, ev = read_metrics(run_dir, "train"), read_metrics(run_dir, "eval")
     summary = {
         "run_dir": str(run_dir), "preset": cfg.name, "steps": step, "wall_s": wall_s,
         "nonfinite_skipped": nonfinite_total,
         "train_lddt_ca_start": _mean(tr[:10], "lddt_ca"), "train_lddt_ca_end": _mean(tr[-10:], "lddt_ca"),
-        "val_lddt_ca_start": ev[0]["mean_lddt_ca"] if ev else None,
-        "val_lddt_ca_end": ev[-1]["mean_lddt_ca"] if ev else None,
+        "val_lddt_ca_start": ev[0].get("mean_lddt_ca") if ev else None,
+        "val_lddt_ca_end": ev[-1].get("mean_lddt_ca") if ev else None,
+        "train_eval_lddt_ca_start": ev[0].get("train_mean_lddt_ca") if ev else None,
+        "train_eval_lddt_ca_end": ev[-1].get("train_mean_lddt_ca") if ev else None,
+        "target_split": cfg.train.target_split,
         "target_lddt": cfg.train.target_lddt, "time_to_target": reached,
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -7,7 +7,9 @@ Records (one per line, appended and flushed as they happen):
   "peak_mem_gib" (CUDA only), "data_wait_s", "num_recycles", "skipped", "nonfinite_total"}``:
   ``step`` counts updates (1 = the first), loss terms are averaged over the step's samples on all ranks.
 * ``{"kind": "eval", "step", "mean_lddt_ca", "mean_lddt", "per_chain": {...}, "eval_s"}``: the EMA
-  weights after ``step`` updates (0 = the initial weights) on the validation chains.
+  weights after ``step`` updates (0 = the initial weights) on the validation chains; with
+  ``train.eval_train_chains`` also ``train_mean_lddt_ca``, ``train_mean_lddt``, ``train_per_chain`` on
+  training chains (whole chains, eval mode: the "train lDDT-Ca" of a memorisation run).
 
 On resume, lines of steps after the checkpoint (written by the interrupted process before it died) are
 dropped, so the file reads like one uninterrupted run.

@@ -101,3 +101,26 @@ def test_target_lddt_stops_and_reports_time_to_target(sample_cache, tmp_path, ca
     assert main(["train", "--data", str(sample_cache), "--out", str(tmp_path / "r2"), "--target-lddt", "0.5",
                  "--set", "train.val_fraction=0"]) == 1
     assert "needs validation" in capsys.readouterr().err
+
+
+def test_training_chains_evaluated_and_used_as_target(sample_cache, tmp_path, capsys):
+    """train.eval_train_chains scores whole training chains with the EMA weights beside validation;
+    train.target_split=train makes their mean the --target-lddt criterion."""
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(sample_cache), "--out", str(run), "--max-steps", "2", "--no-progress",
+                 "--target-lddt", "0.0", "--set", "train.eval_every=1", "train.num_workers=0",
+                 "train.eval_train_chains=2", "train.target_split=train"]) == 0
+    assert "target lDDT-Ca 0.0: reached at step 1 after" in capsys.readouterr().out
+    evals = read_metrics(run, "eval")
+    assert [e["step"] for e in evals] == [0, 1]
+    for e in evals:
+        assert len(e["train_per_chain"]) == 2 and len(e["per_chain"]) == 1
+        assert set(e["train_per_chain"]).isdisjoint(e["per_chain"])       # training chains, not validation
+        vals = [c["lddt_ca"] for c in e["train_per_chain"].values()]
+        assert e["train_mean_lddt_ca"] == pytest.approx(sum(vals) / 2) and 0.0 <= e["train_mean_lddt_ca"] <= 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_eval_lddt_ca_end"] == evals[-1]["train_mean_lddt_ca"]
+    assert summary["time_to_target"]["mean_lddt_ca"] == evals[-1]["train_mean_lddt_ca"]
+    assert main(["train", "--data", str(sample_cache), "--out", str(tmp_path / "r2"), "--target-lddt", "0.5",
+                 "--set", "train.target_split=train"]) == 1
+    assert "needs training chains to evaluate" in capsys.readouterr().err
