@@ -14,9 +14,10 @@ peak extra memory of:
 * ``cueq`` -- cuEquivariance ``triangle_attention`` (``[B, N, H, L, D]`` layout, transposes counted), where
   ``cuequivariance_torch`` imports; otherwise a logged reason.
 
-Our rows also get a per-kernel profile (mode ``kernel:fwd``, ``kernel:dq`` (with the delta sweep),
-``kernel:dkdv``, ``kernel:dbias`` (deterministic reduction), ``kernel:dkdv+atomic``) so the time of
-forward, dK/dV, dQ and the bias-gradient reduction can be read off one run.
+Our rows also get a per-kernel profile (mode ``kernel:fwd`` (storing the output residual, as in training),
+``kernel:dq`` (with delta from the output), ``kernel:dkdv``, ``kernel:dbias`` (deterministic reduction),
+``kernel:dkdv+atomic``) so the time of forward, dK/dV, dQ and the bias-gradient reduction can be read off
+one run.
 
 Timing and memory use :class:`foldforge.bench.ops._Timer` (L2 flushed, host queued ahead, median over
 repeats); rows have the schema of :mod:`foldforge.bench.ops`. On the CPU (``quick``) only the reference, SDPA
@@ -141,12 +142,12 @@ def _profile(ins: tuple, timer: _Timer) -> list[dict]:
     q, k, v, bias = (None if t is None else t.detach() for t in ins)
     P = T.Problem(q, k, v, bias, None, q.shape[-1] ** -0.5)
     cfg = T.config(q.device, P.LQ, P.LK, P.D)
-    _, lse = T.run_fwd(P, cfg["fwd"])
+    o, lse, o_lo = T.run_fwd(P, cfg["fwd"])
     do = torch.randn_like(P.q)
-    _, delta = T.run_dq(P, do, lse, cfg["dq"])
+    _, delta = T.run_dq(P, do, o, o_lo, lse, cfg["dq"])
     db_shape = (P.BB, P.SB, P.H, P.LQ, P.LK)
     runs = {"kernel:fwd": lambda: T.run_fwd(P, cfg["fwd"]),
-            "kernel:dq": lambda: T.run_dq(P, do, lse, cfg["dq"]),
+            "kernel:dq": lambda: T.run_dq(P, do, o, o_lo, lse, cfg["dq"]),
             "kernel:dkdv": lambda: T.run_dkdv(P, do, lse, delta, cfg["dkdv"], 0, None)}
     if bias is not None:
         direct = P.reduced_rows() == 1

@@ -3,6 +3,16 @@ forward and backward, on the ``[B, S, L, H, D]`` layout read and written in plac
 
 Imported lazily by :mod:`foldforge.kernels.attention` on the first launch.
 
+Launch: one 1-d grid per kernel whose program ids run over the blocks of one (b, s, h) row first, so the
+programs that read the same K/V (forward, dq) or q/dO (dK/dV) are launched together and share those loads
+in L2; a 1-d grid also has no 65535 limit on the number of rows. Offsets of (b, s, h) are int64.
+Full tiles are loaded without bounds masks: ``EVEN_M`` / ``EVEN_N`` (L_q / L_k a multiple of the block)
+and ``EVEN_D`` (D a power of two >= 16) are compile-time flags set on the host, so the common shapes get
+unmasked, vectorised loads of q, k, v, dO and the bias; other lengths keep the masked code. D itself is a
+compile-time constant and the ``[B, S, L, H]`` strides of q, k, v, dO, O and the gradients are passed in
+units of ``VEC`` elements (16 bytes where they allow), so head dims below the tile (D = 8, 24) still get
+16-byte loads (the compiler knows a runtime stride only as "multiple of 16" or not).
+
 Forward (one program per (b, s, h) and BLOCK_M queries): online softmax over BLOCK_N key tiles; bias tile
 and key mask applied to the fp32 logits; masked keys get the logit ``_NEG`` and a row with no valid key is
 written as 0 at the end (m stays at ``_NEG``). Saves the log-sum-exp as two fp32 planes,
@@ -16,10 +26,24 @@ the subtraction rounds at the magnitude of the (small) difference. Folding log2 
 bias instead (FlashAttention's ``exp2(s' - m')``) rounds at the magnitude of the logits -- large with AF2
 pair biases -- and gave about twice the fp32 reference's error in the bias gradient (interpreter, bias ~5).
 
+``delta_i = sum_j P_ij dP_ij = dO_i . O_i`` (the row term of dS = P (dP - delta)) must carry more than the
+16-bit output's precision: with a peaked softmax (large pair biases) dS cancels, and delta from O rounded to
+bf16 gave 3-4x the bf16 reference's error in dbias, dq and dk (interpreter, bias ~3). For 16-bit inputs
+that need gradients the forward therefore also stores the output's rounding residual ``O_lo`` (q's dtype,
+O's layout), with O + O_lo ~ 16 bits of ``sum_j P_j v_j``: besides ``acc = sum_j fl16(P_j) v_j`` (which gives
+O exactly as without gradients) a second accumulator sums ``fl16(P_j - fl16(P_j)) v_j`` (one more
+``[BM, BN] x [BN, D]`` product per tile), and ``O_lo = fl16((acc + acc_lo) / l - O)``. The residual of P
+matters as much as O's own rounding: without it, dbias / dq errors grew up to 2.3x (interpreter tests,
+bias 3-10); with it, every gradient error of the tests equals the rowsum(P * dP) path's. The dq kernel's
+prologue sums ``delta = dO . (O + O_lo)`` in fp32 -- no second sweep over the keys.
+fp32 inputs (and 16-bit ones without a stored residual) keep ``delta = rowsum(P * dP)``, summed by a first
+sweep over the keys in the dq kernel: at fp32 the reference's own error is small enough that ``dO . O``
+shows that the recomputed probabilities do not sum to exactly the forward's normaliser (1.14x the allowed
+dq error, interpreter, L = 7), while rowsum(P * dP) cancels with dS exactly as the reference's does.
+
 Backward, three kernels, each recomputing ``P = exp2((s - lse) * log2 e)`` from q, k and the bias:
-  * ``dq``:   per (b, s, h, query block), a first sweep over the key blocks sums
-              ``delta = rowsum(P * dP)`` (stored for the two later kernels; see the kernel for why not
-              FlashAttention's ``rowsum(dO * O)``), a second accumulates dq. The output is not kept for backward.
+  * ``dq``:   per (b, s, h, query block): delta (above; stored for the two later kernels), then a sweep
+              over the keys accumulating dq.
   * ``dkdv``: per (b, s, h, key block), loops over query blocks (dK, dV accumulate in registers). Where
               each bias element belongs to exactly one (b, s) row (S == 1, or a per-row bias) it stores dS
               as the bias gradient directly; in the "atomic" mode it ``atomic_add``s dS into an fp32 buffer.
@@ -64,32 +88,86 @@ def _mm(a, b, DOT_F32: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _split_row(pid, S, H):
-    """program id -> (b, s, h) with h fastest (int64, for offsets)."""
-    p = pid.to(tl.int64)
-    h = p % H
-    t = p // H
+def _program(LEN, BLOCK: tl.constexpr):
+    """1-d launch: program id -> (block index along a length LEN, row id (int64)); the blocks of one row are
+    consecutive programs."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(LEN, BLOCK)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
+
+
+@triton.jit
+def _in_elements(sb, ss, sl, sh, VEC: tl.constexpr):
+    """The ``[B, S, L, H]`` strides of a q/k/v-like tensor, passed in units of VEC elements, back in elements:
+    the compiler then knows they are multiples of VEC and uses 16-byte loads along D even where D is not a
+    multiple of 16 (D = 8, 24), which it cannot know from the runtime stride values."""
+    return sb * VEC, ss * VEC, sl * VEC, sh * VEC
+
+
+@triton.jit
+def _split_row(row, S, H):
+    """row id -> (b, s, h) with h fastest (int64, for offsets)."""
+    h = row % H
+    t = row // H
     return t // S, t % S, h
 
 
 @triton.jit
-def _logits(q, kt, scale, bias_ptrs, bias_mask, valid, HAS_BIAS: tl.constexpr,
-            DOT_F32: tl.constexpr, PREC: tl.constexpr):
-    """Logits ``q k^T * scale + bias`` of a tile (natural units, fp32), ``_NEG`` where ``valid`` is False
-    (``valid`` broadcasts against the tile)."""
-    s = _mm(q, kt, DOT_F32, PREC) * scale
-    if HAS_BIAS:
-        s += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
-    return tl.where(valid, s, _NEG)
+def _load2(ptrs, ok0, ok1, EVEN0: tl.constexpr, EVEN1: tl.constexpr):
+    """A 2-d tile; ``ok0`` / ``ok1`` are the in-range flags along dims 0 / 1, applied only along a dim that
+    is not EVEN (full tiles load unmasked); out-of-range elements read 0."""
+    if EVEN0:
+        if EVEN1:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=ok1[None, :], other=0.0)
+    else:
+        if EVEN1:
+            x = tl.load(ptrs, mask=ok0[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=ok0[:, None] & ok1[None, :], other=0.0)
+    return x
 
 
 @triton.jit
-def _load_lse(ptrs, LQ, row_ok, LSE_LO: tl.constexpr):
+def _store2(ptrs, x, ok0, ok1, EVEN0: tl.constexpr, EVEN1: tl.constexpr):
+    """Store a 2-d tile, masked as :func:`_load2` loads."""
+    if EVEN0:
+        if EVEN1:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=ok1[None, :])
+    else:
+        if EVEN1:
+            tl.store(ptrs, x, mask=ok0[:, None])
+        else:
+            tl.store(ptrs, x, mask=ok0[:, None] & ok1[None, :])
+
+
+@triton.jit
+def _load1(ptrs, ok, EVEN: tl.constexpr):
+    if EVEN:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    return x
+
+
+@triton.jit
+def _store1(ptrs, x, ok, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptrs, x)
+    else:
+        tl.store(ptrs, x, mask=ok)
+
+
+@triton.jit
+def _load_lse(ptrs, LQ, row_ok, EVEN_M: tl.constexpr, LSE_LO: tl.constexpr):
     """The row log-sum-exp planes ``(hi, lo)``; without LSE_LO ``lo`` is not read (``hi`` stands in)."""
-    hi = tl.load(ptrs, mask=row_ok, other=0.0)
+    hi = _load1(ptrs, row_ok, EVEN_M)
     lo = hi
     if LSE_LO:
-        lo = tl.load(ptrs + LQ, mask=row_ok, other=0.0)
+        lo = _load1(ptrs + LQ, row_ok, EVEN_M)
     return hi, lo
 
 
@@ -103,230 +181,325 @@ def _probs(st, hi, lo, LSE_LO: tl.constexpr):
 
 
 @triton.jit
-def _key_valid(cols, LK, mask_base, smj, HAS_MASK: tl.constexpr):
-    ok = cols < LK
+def _key_ok(m_ptrs, col_ok, HAS_MASK: tl.constexpr, EVEN_N: tl.constexpr):
+    """``[BLOCK_N]`` bool: the key is in range and not masked. Only called where ``KEY_CHECK`` (a key mask,
+    or a partial key tile)."""
     if HAS_MASK:
-        keep = tl.load(mask_base + cols * smj, mask=ok, other=0)
-        ok = ok & (keep != 0)
+        if EVEN_N:
+            ok = tl.load(m_ptrs) != 0
+        else:
+            ok = tl.load(m_ptrs, mask=col_ok, other=0) != 0
+    else:
+        ok = col_ok
     return ok
+
+
+@triton.jit
+def _logits(q, kt, b_ptrs, m_ptrs, row_ok, col_ok, scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+            KEY_CHECK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_F32: tl.constexpr,
+            PREC: tl.constexpr):
+    """Logits ``q k^T * scale + bias`` of a ``[BLOCK_M queries, BLOCK_N keys]`` tile (natural units, fp32),
+    ``_NEG`` at masked or out-of-range keys."""
+    st = _mm(q, kt, DOT_F32, PREC) * scale
+    if HAS_BIAS:
+        st += _load2(b_ptrs, row_ok, col_ok, EVEN_M, EVEN_N).to(tl.float32)
+    if KEY_CHECK:
+        st = tl.where(_key_ok(m_ptrs, col_ok, HAS_MASK, EVEN_N)[None, :], st, _NEG)
+    return st
 
 
 # ---------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["S", "H", "LQ", "LK"])
-def _fwd_kernel(Q, K, V, Bias, Mask, O, Lse, S, H, LQ, LK, D, scale,
+def _fwd_kernel(Q, K, V, Bias, Mask, O, OLo, Lse, S, H, LQ, LK, D: tl.constexpr, scale,
                 sqb, sqs, sql, sqh, skb, sks, skl, skh, svb, svs, svl, svh, sob, sos, sol, soh,
                 sbb, sbs, sbh, sbi, sbj, smb, sms, smj,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    b, s, h = _split_row(pid, S, H)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, KEY_CHECK: tl.constexpr, STORE_LO: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr,
+                EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr, DOT_F32: tl.constexpr,
+                PREC: tl.constexpr):
+    """O (and with STORE_LO its rounding residual ``OLo``, same strides ``so*``) and the lse planes."""
+    sqb, sqs, sql, sqh = _in_elements(sqb, sqs, sql, sqh, VEC)
+    skb, sks, skl, skh = _in_elements(skb, sks, skl, skh, VEC)
+    svb, svs, svl, svh = _in_elements(svb, svs, svl, svh, VEC)
+    sob, sos, sol, soh = _in_elements(sob, sos, sol, soh, VEC)
+    blk, row = _program(LQ, BLOCK_M)
+    b, s, h = _split_row(row, S, H)
+    m0 = blk * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    rows = m0 + rr
+    cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < LQ
     d_ok = dd < D
-    q = tl.load(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * skb + s * sks + h * skh
-    v_base = V + b * svb + s * svs + h * svh
-    bias_rows = Bias + b * sbb + s * sbs + h * sbh + rows[:, None] * sbi
-    mask_base = Mask + b * smb + s * sms
+    q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+    # scalar pointers to the first key block, advanced by BLOCK_N keys per iteration
+    k_at = K + b * skb + s * sks + h * skh
+    v_at = V + b * svb + s * svs + h * svh
+    b_at = Bias + b * sbb + s * sbs + h * sbh + m0.to(tl.int64) * sbi
+    m_at = Mask + b * smb + s * sms
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if STORE_LO:
+        acc_lo = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < LK
-        kt = tl.load(k_base + cols[None, :] * skl + dd[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        valid = _key_valid(cols, LK, mask_base, smj, HAS_MASK)
-        st = _logits(q, kt, scale, bias_rows + cols[None, :] * sbj, row_ok[:, None] & col_ok[None, :],
-                     valid[None, :], HAS_BIAS, DOT_F32, PREC)
+        col_ok = start + cols < LK
+        kt = _load2(k_at + cols[None, :] * skl + dd[:, None], d_ok, col_ok, EVEN_D, EVEN_N)
+        st = _logits(q, kt, b_at + rr[:, None] * sbi + cols[None, :] * sbj, m_at + cols * smj, row_ok, col_ok,
+                     scale, HAS_BIAS, HAS_MASK, KEY_CHECK, EVEN_M, EVEN_N, DOT_F32, PREC)
         m_new = tl.maximum(m_i, tl.max(st, 1))
         alpha = tl.exp2((m_i - m_new) * _LOG2E)
         p = tl.exp2((st - m_new[:, None]) * _LOG2E)   # masked keys: 0 once a valid key was seen (see the end)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * svl + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_F32, PREC)
+        v = _load2(v_at + cols[:, None] * svl + dd[None, :], col_ok, d_ok, EVEN_N, EVEN_D)
+        p_hi = p.to(v.dtype)
+        acc = acc * alpha[:, None] + _mm(p_hi, v, DOT_F32, PREC)
+        if STORE_LO:   # the product of P's rounding residual: acc + acc_lo carries P to ~16 bits
+            acc_lo = acc_lo * alpha[:, None] + _mm((p - p_hi.to(tl.float32)).to(v.dtype), v, DOT_F32, PREC)
         m_i = m_new
+        k_at += BLOCK_N * skl
+        v_at += BLOCK_N * svl
+        b_at += BLOCK_N * sbj
+        m_at += BLOCK_N * smj
     # m_i == _NEG: no valid key in the row; p was exp2(0) = 1 for every key, so l_i and acc hold junk -> 0
     seen = m_i > _NEG
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    tl.store(O + b * sob + s * sos + h * soh + rows[:, None] * sol + dd[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    o_hi = out.to(O.dtype.element_ty)
+    o_off = b * sob + s * sos + h * soh + rows[:, None] * sol + dd[None, :]
+    _store2(O + o_off, o_hi, row_ok, d_ok, EVEN_M, EVEN_D)
+    if STORE_LO:   # O itself does not depend on STORE_LO (same output with and without gradients)
+        out = tl.where(seen[:, None], (acc + acc_lo) / l_safe[:, None], 0.0)
+        _store2(OLo + o_off, (out - o_hi.to(tl.float32)).to(OLo.dtype.element_ty), row_ok, d_ok, EVEN_M, EVEN_D)
     log_l = tl.log(l_safe)
     hi = tl.where(seen, m_i + log_l, 0.0)
     lo = tl.where(seen, (m_i - hi) + log_l, 0.0)
-    lse_row = Lse + pid.to(tl.int64) * 2 * LQ + rows
-    tl.store(lse_row, hi, mask=row_ok)
-    tl.store(lse_row + LQ, lo, mask=row_ok)
+    lse_row = Lse + row * 2 * LQ + rows
+    _store1(lse_row, hi, row_ok, EVEN_M)
+    _store1(lse_row + LQ, lo, row_ok, EVEN_M)
 
 
 # ---------------------------------------------------------------- backward: dq (+ delta)
-@triton.jit(do_not_specialize=["S", "H", "LQ", "LK"])
-def _dq_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DQ, S, H, LQ, LK, D, scale,
-               sqb, sqs, sql, sqh, skb, sks, skl, skh, svb, svs, svl, svh, sgb, sgs, sgl, sgh,
-               sdob, sdos, sdol, sdoh, sbb, sbs, sbh, sbi, sbj, smb, sms, smj,
-               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, LSE_LO: tl.constexpr):
-    """dq = scale * sum_j dS_ij k_j with dS = P (dP - delta), written with the strides ``sg*`` (a fresh
-    tensor of q's shape).
+@triton.jit
+def _dq_tile(q, do, k_at, v_at, b_at, m_at, rr, cols, dd, row_ok, col_ok, d_ok, lse_hi, lse_lo, scale,
+             skl, svl, sbi, sbj, smj, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, KEY_CHECK: tl.constexpr,
+             EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr,
+             PREC: tl.constexpr, LSE_LO: tl.constexpr):
+    """One key tile of the dq kernel (``*_at``: the tile's first key / bias element): ``P``,
+    ``dP = dO V^T`` (``[BLOCK_M, BLOCK_N]``, fp32) and ``K^T``."""
+    kt = _load2(k_at + cols[None, :] * skl + dd[:, None], d_ok, col_ok, EVEN_D, EVEN_N)
+    vt = _load2(v_at + cols[None, :] * svl + dd[:, None], d_ok, col_ok, EVEN_D, EVEN_N)
+    st = _logits(q, kt, b_at + rr[:, None] * sbi + cols[None, :] * sbj, m_at + cols * smj, row_ok, col_ok, scale,
+                 HAS_BIAS, HAS_MASK, KEY_CHECK, EVEN_M, EVEN_N, DOT_F32, PREC)
+    p = _probs(st, lse_hi[:, None], lse_lo[:, None], LSE_LO)
+    return p, _mm(do, vt, DOT_F32, PREC), kt
 
-    delta_i = sum_j P_ij dP_ij is computed here by a first sweep over the keys (and stored for the other two
-    kernels) instead of FlashAttention's rowsum(dO * O): O is stored rounded to q's dtype, and with a
-    peaked softmax (large pair biases) dS_ij = P_ij (dP_ij - delta_i) cancels; the bf16 rounding of O then
-    gave 3-4x the bf16 reference's error in dbias, dq and dk (interpreter, bias ~3), while P dP summed in
-    fp32 cancels as the reference does. It costs a second QK^T / dO V^T sweep in this kernel and saves
-    keeping O for backward."""
-    pid = tl.program_id(0)
-    b, s, h = _split_row(pid, S, H)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+
+@triton.jit(do_not_specialize=["S", "H", "LQ", "LK"])
+def _dq_kernel(Q, K, V, Bias, Mask, DO, O, OLo, Lse, Delta, DQ, S, H, LQ, LK, D: tl.constexpr, scale,
+               sqb, sqs, sql, sqh, skb, sks, skl, skh, svb, svs, svl, svh, sgb, sgs, sgl, sgh,
+               sdob, sdos, sdol, sdoh, sob, sos, sol, soh, sbb, sbs, sbh, sbi, sbj, smb, sms, smj,
+               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, KEY_CHECK: tl.constexpr, DELTA_FROM_O: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr,
+               EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr, DOT_F32: tl.constexpr,
+               PREC: tl.constexpr, LSE_LO: tl.constexpr):
+    """dq = scale * sum_j dS_ij k_j with dS = P (dP - delta), written with the strides ``sg*`` (a fresh
+    tensor of q's shape). delta (stored for the other two kernels): with DELTA_FROM_O ``dO . (O + O_lo)``
+    from the saved 16-bit output and its residual (both with the strides ``so*``), else ``rowsum(P * dP)``
+    by a first sweep over the keys (see the module docstring)."""
+    sqb, sqs, sql, sqh = _in_elements(sqb, sqs, sql, sqh, VEC)
+    skb, sks, skl, skh = _in_elements(skb, sks, skl, skh, VEC)
+    svb, svs, svl, svh = _in_elements(svb, svs, svl, svh, VEC)
+    sgb, sgs, sgl, sgh = _in_elements(sgb, sgs, sgl, sgh, VEC)
+    sdob, sdos, sdol, sdoh = _in_elements(sdob, sdos, sdol, sdoh, VEC)
+    sob, sos, sol, soh = _in_elements(sob, sos, sol, soh, VEC)
+    blk, row = _program(LQ, BLOCK_M)
+    b, s, h = _split_row(row, S, H)
+    m0 = blk * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    rows = m0 + rr
+    cols = tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < LQ
-    tile_ok = row_ok[:, None] & (dd < D)[None, :]
-    q = tl.load(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], mask=tile_ok, other=0.0)
-    do = tl.load(DO + b * sdob + s * sdos + h * sdoh + rows[:, None] * sdol + dd[None, :], mask=tile_ok, other=0.0)
-    lse_hi, lse_lo = _load_lse(Lse + pid.to(tl.int64) * 2 * LQ + rows, LQ, row_ok, LSE_LO)
-    k_base = K + b * skb + s * sks + h * skh
-    v_base = V + b * svb + s * svs + h * svh
-    bias_rows = Bias + b * sbb + s * sbs + h * sbh + rows[:, None] * sbi
-    mask_base = Mask + b * smb + s * sms
-    delta = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, LK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kv_ok = (dd < D)[:, None] & (cols < LK)[None, :]
-        kt = tl.load(k_base + cols[None, :] * skl + dd[:, None], mask=kv_ok, other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svl + dd[:, None], mask=kv_ok, other=0.0)
-        valid = _key_valid(cols, LK, mask_base, smj, HAS_MASK)
-        st = _logits(q, kt, scale, bias_rows + cols[None, :] * sbj, row_ok[:, None] & (cols < LK)[None, :],
-                     valid[None, :], HAS_BIAS, DOT_F32, PREC)
-        p = _probs(st, lse_hi[:, None], lse_lo[:, None], LSE_LO)
-        delta += tl.sum(p * _mm(do, vt, DOT_F32, PREC), 1)
-    tl.store(Delta + pid.to(tl.int64) * LQ + rows, delta, mask=row_ok)
+    d_ok = dd < D
+    q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+    do = _load2(DO + b * sdob + s * sdos + h * sdoh + rows[:, None] * sdol + dd[None, :], row_ok, d_ok,
+                EVEN_M, EVEN_D)
+    lse_hi, lse_lo = _load_lse(Lse + row * 2 * LQ + rows, LQ, row_ok, EVEN_M, LSE_LO)
+    # scalar pointers to the first key block (advanced by BLOCK_N keys per iteration)
+    k_first = K + b * skb + s * sks + h * skh
+    v_first = V + b * svb + s * svs + h * svh
+    b_first = Bias + b * sbb + s * sbs + h * sbh + m0.to(tl.int64) * sbi
+    m_first = Mask + b * smb + s * sms
+    if DELTA_FROM_O:
+        o_off = b * sob + s * sos + h * soh + rows[:, None] * sol + dd[None, :]
+        o = _load2(O + o_off, row_ok, d_ok, EVEN_M, EVEN_D).to(tl.float32)
+        o += _load2(OLo + o_off, row_ok, d_ok, EVEN_M, EVEN_D).to(tl.float32)
+        delta = tl.sum(do.to(tl.float32) * o, 1)
+    else:
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        k_at, v_at, b_at, m_at = k_first, v_first, b_first, m_first
+        for start in range(0, LK, BLOCK_N):
+            p, dp, kt = _dq_tile(q, do, k_at, v_at, b_at, m_at, rr, cols, dd, row_ok, start + cols < LK, d_ok,
+                                 lse_hi, lse_lo, scale, skl, svl, sbi, sbj, smj, HAS_BIAS, HAS_MASK, KEY_CHECK,
+                                 EVEN_M, EVEN_N, EVEN_D, DOT_F32, PREC, LSE_LO)
+            delta += tl.sum(p * dp, 1)
+            k_at += BLOCK_N * skl
+            v_at += BLOCK_N * svl
+            b_at += BLOCK_N * sbj
+            m_at += BLOCK_N * smj
+    _store1(Delta + row * LQ + rows, delta, row_ok, EVEN_M)
+    k_at, v_at, b_at, m_at = k_first, v_first, b_first, m_first
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, LK, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        kv_ok = (dd < D)[:, None] & (cols < LK)[None, :]
-        kt = tl.load(k_base + cols[None, :] * skl + dd[:, None], mask=kv_ok, other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svl + dd[:, None], mask=kv_ok, other=0.0)
-        valid = _key_valid(cols, LK, mask_base, smj, HAS_MASK)
-        st = _logits(q, kt, scale, bias_rows + cols[None, :] * sbj, row_ok[:, None] & (cols < LK)[None, :],
-                     valid[None, :], HAS_BIAS, DOT_F32, PREC)
-        p = _probs(st, lse_hi[:, None], lse_lo[:, None], LSE_LO)
-        dp = _mm(do, vt, DOT_F32, PREC)
+        p, dp, kt = _dq_tile(q, do, k_at, v_at, b_at, m_at, rr, cols, dd, row_ok, start + cols < LK, d_ok,
+                             lse_hi, lse_lo, scale, skl, svl, sbi, sbj, smj, HAS_BIAS, HAS_MASK, KEY_CHECK,
+                             EVEN_M, EVEN_N, EVEN_D, DOT_F32, PREC, LSE_LO)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kt.dtype), tl.trans(kt), DOT_F32, PREC)
-    tl.store(DQ + b * sgb + s * sgs + h * sgh + rows[:, None] * sgl + dd[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
+        k_at += BLOCK_N * skl
+        v_at += BLOCK_N * svl
+        b_at += BLOCK_N * sbj
+        m_at += BLOCK_N * smj
+    _store2(DQ + b * sgb + s * sgs + h * sgh + rows[:, None] * sgl + dd[None, :],
+            (dq * scale).to(DQ.dtype.element_ty), row_ok, d_ok, EVEN_M, EVEN_D)
 
 
 # ---------------------------------------------------------------- backward: dk, dv (+ dbias stored / atomics)
 @triton.jit(do_not_specialize=["S", "H", "LQ", "LK"])
-def _dkdv_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DK, DV, DB, S, H, LQ, LK, D, scale,
+def _dkdv_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DK, DV, DB, S, H, LQ, LK, D: tl.constexpr, scale,
                  sqb, sqs, sql, sqh, skb, sks, skl, skh, svb, svs, svl, svh, sdob, sdos, sdol, sdoh,
                  sgb, sgs, sgl, sgh, sbb, sbs, sbh, sbi, sbj, smb, sms, smj, sdbb, sdbs, sdbh, sdbi, sdbj,
-                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, DS_MODE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_F32: tl.constexpr, PREC: tl.constexpr, LSE_LO: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, KEY_CHECK: tl.constexpr, DS_MODE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, VEC: tl.constexpr, DOT_F32: tl.constexpr,
+                 PREC: tl.constexpr, LSE_LO: tl.constexpr):
     """Transposed tiles ``[BLOCK_N keys, BLOCK_M queries]``: dv += P^T dO, dk += scale * dS^T q.
     DS_MODE 0: no bias gradient here; 1: store dS^T as the bias gradient (each element has one owner);
     2: fp32 atomic add of dS^T into the bias gradient (query blocks visited in a per-row rotated order, so
     the rows sharing a bias tile do not all hit the same addresses at once). dk and dv are written with the
     strides ``sg*`` (fresh tensors of k's shape)."""
-    pid = tl.program_id(0)
-    b, s, h = _split_row(pid, S, H)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    sqb, sqs, sql, sqh = _in_elements(sqb, sqs, sql, sqh, VEC)
+    skb, sks, skl, skh = _in_elements(skb, sks, skl, skh, VEC)
+    svb, svs, svl, svh = _in_elements(svb, svs, svl, svh, VEC)
+    sdob, sdos, sdol, sdoh = _in_elements(sdob, sdos, sdol, sdoh, VEC)
+    sgb, sgs, sgl, sgh = _in_elements(sgb, sgs, sgl, sgh, VEC)
+    blk, row = _program(LK, BLOCK_N)
+    b, s, h = _split_row(row, S, H)
+    cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     col_ok = cols < LK
     d_ok = dd < D
-    kv_ok = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + s * sks + h * skh + cols[:, None] * skl + dd[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * svb + s * svs + h * svh + cols[:, None] * svl + dd[None, :], mask=kv_ok, other=0.0)
-    valid = _key_valid(cols, LK, Mask + b * smb + s * sms, smj, HAS_MASK)
+    k = _load2(K + b * skb + s * sks + h * skh + cols[:, None] * skl + dd[None, :], col_ok, d_ok, EVEN_N, EVEN_D)
+    v = _load2(V + b * svb + s * svs + h * svh + cols[:, None] * svl + dd[None, :], col_ok, d_ok, EVEN_N, EVEN_D)
+    if KEY_CHECK:   # this program's keys are fixed: their validity is read once
+        valid = _key_ok(Mask + b * smb + s * sms + cols * smj, col_ok, HAS_MASK, EVEN_N)
     q_base = Q + b * sqb + s * sqs + h * sqh
     do_base = DO + b * sdob + s * sdos + h * sdoh
     bias_cols = Bias + b * sbb + s * sbs + h * sbh + cols[:, None] * sbj
     db_cols = DB + b * sdbb + s * sdbs + h * sdbh + cols[:, None] * sdbj
-    row_base = pid.to(tl.int64) * LQ
-    lse_base = Lse + pid.to(tl.int64) * 2 * LQ
+    lse_base = Lse + row * 2 * LQ
+    delta_base = Delta + row * LQ
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_blocks = tl.cdiv(LQ, BLOCK_M)
+    rr = tl.arange(0, BLOCK_M)
     first = 0
     if DS_MODE == 2:
-        first = pid % n_blocks
+        first = (row % n_blocks).to(tl.int32)
     for t in range(0, n_blocks):
-        rows = ((first + t) % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = ((first + t) % n_blocks) * BLOCK_M
+        rows = m0 + rr
         row_ok = rows < LQ
-        qt = tl.load(q_base + rows[None, :] * sql + dd[:, None], mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdol + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse_hi, lse_lo = _load_lse(lse_base + rows, LQ, row_ok, LSE_LO)
-        delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-        tile_ok = col_ok[:, None] & row_ok[None, :]
-        st = _logits(k, qt, scale, bias_cols + rows[None, :] * sbi, tile_ok, valid[:, None],
-                     HAS_BIAS, DOT_F32, PREC)
+        qt = _load2(q_base + rows[None, :] * sql + dd[:, None], d_ok, row_ok, EVEN_D, EVEN_M)
+        do = _load2(do_base + rows[:, None] * sdol + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+        lse_hi, lse_lo = _load_lse(lse_base + rows, LQ, row_ok, EVEN_M, LSE_LO)
+        delta = _load1(delta_base + rows, row_ok, EVEN_M)
+        st = _mm(k, qt, DOT_F32, PREC) * scale
+        if HAS_BIAS:
+            # tile row offset in int64: a bias that is a view into a wider tensor (the fused LN+projection
+            # output) has a row stride of L * 516 elements, past 2^31 at crop 2048
+            st += _load2(bias_cols + m0.to(tl.int64) * sbi + rr[None, :] * sbi, col_ok, row_ok, EVEN_N,
+                         EVEN_M).to(tl.float32)
+        if KEY_CHECK:
+            st = tl.where(valid[:, None], st, _NEG)
         pt = _probs(st, lse_hi[None, :], lse_lo[None, :], LSE_LO)
         dv += _mm(pt.to(do.dtype), do, DOT_F32, PREC)
         dpt = _mm(v, tl.trans(do), DOT_F32, PREC)
         dst = pt * (dpt - delta[None, :])
         dk += _mm(dst.to(qt.dtype), tl.trans(qt), DOT_F32, PREC)
+        db_ptrs = db_cols + m0.to(tl.int64) * sdbi + rr[None, :] * sdbi
         if DS_MODE == 1:
-            tl.store(db_cols + rows[None, :] * sdbi, dst.to(DB.dtype.element_ty), mask=tile_ok)
+            _store2(db_ptrs, dst.to(DB.dtype.element_ty), col_ok, row_ok, EVEN_N, EVEN_M)
         if DS_MODE == 2:
-            tl.atomic_add(db_cols + rows[None, :] * sdbi, dst, mask=tile_ok, sem="relaxed")
+            if EVEN_N:
+                if EVEN_M:
+                    tl.atomic_add(db_ptrs, dst, sem="relaxed")
+                else:
+                    tl.atomic_add(db_ptrs, dst, mask=row_ok[None, :], sem="relaxed")
+            else:
+                tl.atomic_add(db_ptrs, dst, mask=col_ok[:, None] & row_ok[None, :], sem="relaxed")
     g_off = b * sgb + s * sgs + h * sgh + cols[:, None] * sgl + dd[None, :]
-    tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    _store2(DK + g_off, (dk * scale).to(DK.dtype.element_ty), col_ok, d_ok, EVEN_N, EVEN_D)
+    _store2(DV + g_off, dv.to(DV.dtype.element_ty), col_ok, d_ok, EVEN_N, EVEN_D)
 
 
 # ---------------------------------------------------------------- backward: deterministic dbias
 @triton.jit(do_not_specialize=["S", "H", "LQ", "LK", "NB", "NS", "SB"])
-def _dbias_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DB, S, H, LQ, LK, D, scale, NB, NS, SB,
+def _dbias_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DB, S, H, LQ, LK, D: tl.constexpr, scale, NB, NS, SB,
                   sqb, sqs, sql, sqh, skb, sks, skl, skh, svb, svs, svl, svh, sdob, sdos, sdol, sdoh,
                   sbb, sbs, sbh, sbi, sbj, smb, sms, smj, sdbb, sdbs, sdbh, sdbi, sdbj,
-                  HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_F32: tl.constexpr, PREC: tl.constexpr, LSE_LO: tl.constexpr):
+                  HAS_MASK: tl.constexpr, KEY_CHECK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+                  VEC: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, LSE_LO: tl.constexpr):
     """dbias[bb, sb, h, i, j] = sum over the NB x NS rows (b, s) sharing it of dS[b, s, h, i, j].
-    Program axis 0: (bb, sb, h) of the bias gradient (SB = its row count), axis 1: (query block, key block).
-    ``sb*`` strides index the bias itself by (bb, sb); rows are b = bb + r // NS, s = sb + r % NS."""
-    pid = tl.program_id(0).to(tl.int64)
-    h = pid % H
-    t = pid // H
+    1-d launch over (bias row (bb, sb, h), tile) with the tile fastest (key block fastest within a query
+    block): the tiles of one head, which read the same rows of q, k, v and dO, run together. ``sb*`` strides
+    index the bias itself by (bb, sb) (SB = its row count); rows are b = bb + r // NS, s = sb + r % NS."""
+    sqb, sqs, sql, sqh = _in_elements(sqb, sqs, sql, sqh, VEC)
+    skb, sks, skl, skh = _in_elements(skb, sks, skl, skh, VEC)
+    svb, svs, svl, svh = _in_elements(svb, svs, svl, svh, VEC)
+    sdob, sdos, sdol, sdoh = _in_elements(sdob, sdos, sdol, sdoh, VEC)
+    pid = tl.program_id(0)
+    n_col_blocks = tl.cdiv(LK, BLOCK_N)
+    n_tiles = tl.cdiv(LQ, BLOCK_M) * n_col_blocks
+    tile = pid % n_tiles
+    brow = (pid // n_tiles).to(tl.int64)
+    h = brow % H
+    t = brow // H
     sb = t % SB
     bb = t // SB
-    tile = tl.program_id(1)
-    n_col_blocks = tl.cdiv(LK, BLOCK_N)
-    rows = (tile // n_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = (tile // n_col_blocks) * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    rows = m0 + rr
     cols = (tile % n_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     dd = tl.arange(0, BLOCK_D)
     row_ok = rows < LQ
     col_ok = cols < LK
     d_ok = dd < D
-    tile_ok = row_ok[:, None] & col_ok[None, :]
     # the bias tile is the same for every row of the reduction: loaded once
-    bias = tl.load(Bias + bb * sbb + sb * sbs + h * sbh + rows[:, None] * sbi + cols[None, :] * sbj,
-                   mask=tile_ok, other=0.0).to(tl.float32)
+    bias = _load2(Bias + bb * sbb + sb * sbs + h * sbh + m0.to(tl.int64) * sbi + rr[:, None] * sbi
+                  + cols[None, :] * sbj, row_ok, col_ok, EVEN_M, EVEN_N).to(tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r in range(0, NB * NS):
         b = bb + r // NS
         s = sb + r % NS
-        q = tl.load(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(DO + b * sdob + s * sdos + h * sdoh + rows[:, None] * sdol + dd[None, :],
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        kt = tl.load(K + b * skb + s * sks + h * skh + cols[None, :] * skl + dd[:, None],
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        vt = tl.load(V + b * svb + s * svs + h * svh + cols[None, :] * svl + dd[:, None],
-                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+        do = _load2(DO + b * sdob + s * sdos + h * sdoh + rows[:, None] * sdol + dd[None, :], row_ok, d_ok,
+                    EVEN_M, EVEN_D)
+        kt = _load2(K + b * skb + s * sks + h * skh + cols[None, :] * skl + dd[:, None], d_ok, col_ok, EVEN_D, EVEN_N)
+        vt = _load2(V + b * svb + s * svs + h * svh + cols[None, :] * svl + dd[:, None], d_ok, col_ok, EVEN_D, EVEN_N)
         row = (b * S + s) * H + h
-        lse_hi, lse_lo = _load_lse(Lse + row * 2 * LQ + rows, LQ, row_ok, LSE_LO)
-        delta = tl.load(Delta + row * LQ + rows, mask=row_ok, other=0.0)
-        valid = _key_valid(cols, LK, Mask + b * smb + s * sms, smj, HAS_MASK)
-        st = tl.where(valid[None, :], _mm(q, kt, DOT_F32, PREC) * scale + bias, _NEG)
+        lse_hi, lse_lo = _load_lse(Lse + row * 2 * LQ + rows, LQ, row_ok, EVEN_M, LSE_LO)
+        delta = _load1(Delta + row * LQ + rows, row_ok, EVEN_M)
+        st = _mm(q, kt, DOT_F32, PREC) * scale + bias
+        if KEY_CHECK:
+            st = tl.where(_key_ok(Mask + b * smb + s * sms + cols * smj, col_ok, HAS_MASK, EVEN_N)[None, :], st, _NEG)
         p = _probs(st, lse_hi[:, None], lse_lo[:, None], LSE_LO)
         dp = _mm(do, vt, DOT_F32, PREC)
         acc += p * (dp - delta[:, None])
-    tl.store(DB + bb * sdbb + sb * sdbs + h * sdbh + rows[:, None] * sdbi + cols[None, :] * sdbj,
-             acc.to(DB.dtype.element_ty), mask=tile_ok)
+    _store2(DB + bb * sdbb + sb * sdbs + h * sdbh + m0.to(tl.int64) * sdbi + rr[:, None] * sdbi + cols[None, :] * sdbj,
+            acc.to(DB.dtype.element_ty), row_ok, col_ok, EVEN_M, EVEN_N)
 
 
 # ---------------------------------------------------------------- launch parameters
@@ -434,44 +607,78 @@ class Problem:
         return (self.B // self.BB) * (self.S // self.SB)
 
 
-def _s4(t: Tensor) -> tuple[int, int, int, int]:
-    st = t.stride()
-    return st[0], st[1], st[2], st[3]
+def _vec(*tensors: Tensor) -> int:
+    """The widest vector (in elements, at most 16 bytes) dividing every ``[B, S, L, H]`` stride of these
+    q/k/v-like tensors (one dtype): the kernels get those strides in its units (:func:`_in_elements`)."""
+    vec = 16 // tensors[0].element_size()
+    for t in tensors:
+        for st in t.stride()[:4]:
+            while st % vec:
+                vec //= 2
+    return vec
 
 
-def _launch_kw(c: dict) -> dict:
-    return {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "num_warps": c["num_warps"],
-            "num_stages": c["num_stages"]}
+def _s4(t: Tensor, vec: int) -> tuple[int, int, int, int]:
+    """``[B, S, L, H]`` strides in units of ``vec`` elements."""
+    return tuple(st // vec for st in t.stride()[:4])
 
 
 def _block_d(d: int) -> int:
     return max(16, _launch.next_pow2(d))
 
 
+def _launch_kw(P: Problem, c: dict) -> dict:
+    """Tile sizes, launch parameters and the compile-time flags shared by the kernels: the ``EVEN_*`` flags
+    (no bounds masks along that dim) and ``KEY_CHECK`` (keys need a mask or a bounds check)."""
+    bm, bn, bd = c["BLOCK_M"], c["BLOCK_N"], _block_d(P.D)
+    even_n = P.LK % bn == 0
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "EVEN_M": P.LQ % bm == 0, "EVEN_N": even_n,
+            "EVEN_D": P.D == bd, "HAS_MASK": P.mask is not None, "KEY_CHECK": P.mask is not None or not even_n,
+            "num_warps": c["num_warps"], "num_stages": c["num_stages"], **P.dot}
+
+
+def _grid(rows: int, length: int, block: int) -> tuple[int]:
+    """1-d grid: ``rows`` x the blocks of ``length`` (the block index varies fastest in the kernels)."""
+    n = rows * triton.cdiv(length, block)
+    assert n < 2**31, f"evo_attention: {n} programs exceed the launch limit"
+    return (n,)
+
+
 # ---------------------------------------------------------------- launchers
-def run_fwd(P: Problem, c: dict) -> tuple[Tensor, Tensor]:
-    """``o [B, S, L_q, H, D]`` (contiguous, q's dtype), ``lse [B, S, H, 2, L_q]`` (fp32, hi and lo planes)."""
+def run_fwd(P: Problem, c: dict, store_lo: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``o [B, S, L_q, H, D]`` (contiguous, q's dtype), ``lse [B, S, H, 2, L_q]`` (fp32, hi and lo planes) and,
+    for 16-bit q with ``store_lo``, the output's rounding residual ``o_lo`` (o's layout and dtype; else None)."""
     q = P.q
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o_lo = torch.empty_like(o) if store_lo and q.dtype != torch.float32 else None
     lse = torch.empty((P.B, P.S, P.H, 2, P.LQ), dtype=torch.float32, device=q.device)
-    grid = (P.rows, triton.cdiv(P.LQ, c["BLOCK_M"]))
-    _fwd_kernel[grid](q, P.k, P.v, P.bias_ptr(q), P.mask_ptr(q), o, lse, P.S, P.H, P.LQ, P.LK, P.D,
-                      P.scale, *_s4(q), *_s4(P.k), *_s4(P.v), *_s4(o), *P.bias_strides, *P.mask_strides,
-                      HAS_BIAS=P.bias is not None, HAS_MASK=P.mask is not None, BLOCK_D=_block_d(P.D),
-                      **P.dot, **_launch_kw(c))
-    return o, lse
+    vec = _vec(q, P.k, P.v, o)
+    _fwd_kernel[_grid(P.rows, P.LQ, c["BLOCK_M"])](
+        q, P.k, P.v, P.bias_ptr(q), P.mask_ptr(q), o, o if o_lo is None else o_lo, lse, P.S, P.H, P.LQ, P.LK, P.D,
+        P.scale, *_s4(q, vec), *_s4(P.k, vec), *_s4(P.v, vec), *_s4(o, vec), *P.bias_strides, *P.mask_strides,
+        HAS_BIAS=P.bias is not None, STORE_LO=o_lo is not None, VEC=vec, **_launch_kw(P, c))
+    return o, lse, o_lo
 
 
-def run_dq(P: Problem, do: Tensor, lse: Tensor, c: dict) -> tuple[Tensor, Tensor]:
-    """``dq`` (contiguous, q's dtype) and ``delta = rowsum(P * dP)`` (fp32, ``[B, S, H, L_q]``)."""
+def run_dq(P: Problem, do: Tensor, o: Tensor | None, o_lo: Tensor | None, lse: Tensor,
+           c: dict) -> tuple[Tensor, Tensor]:
+    """``dq`` (contiguous, q's dtype) and ``delta = rowsum(P * dP)`` (fp32, ``[B, S, H, L_q]``). ``o`` and
+    ``o_lo`` as :func:`run_fwd` returns them (``[B, S, L_q, H, D]``, one layout): delta from ``dO . (o + o_lo)``
+    where both are given, else (fp32 inputs, no residual) by a sweep over the keys."""
     q = P.q
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     delta = torch.empty((P.B, P.S, P.H, P.LQ), dtype=torch.float32, device=q.device)
-    grid = (P.rows, triton.cdiv(P.LQ, c["BLOCK_M"]))
-    _dq_kernel[grid](q, P.k, P.v, P.bias_ptr(q), P.mask_ptr(q), do, lse, delta, dq, P.S, P.H, P.LQ, P.LK, P.D,
-                     P.scale, *_s4(q), *_s4(P.k), *_s4(P.v), *_s4(dq), *_s4(do),
-                     *P.bias_strides, *P.mask_strides, HAS_BIAS=P.bias is not None, HAS_MASK=P.mask is not None,
-                     BLOCK_D=_block_d(P.D), **P.dot, **_lse_lo(P), **_launch_kw(c))
+    from_o = o is not None and o_lo is not None
+    if from_o:
+        assert o_lo.stride() == o.stride(), "evo_attention: o and its residual must share a layout"
+    else:
+        o = o_lo = q    # not read
+    vec = _vec(q, P.k, P.v, dq, do, o)
+    _dq_kernel[_grid(P.rows, P.LQ, c["BLOCK_M"])](
+        q, P.k, P.v, P.bias_ptr(q), P.mask_ptr(q), do, o, o_lo, lse, delta, dq, P.S, P.H, P.LQ, P.LK, P.D,
+        P.scale, *_s4(q, vec), *_s4(P.k, vec), *_s4(P.v, vec), *_s4(dq, vec), *_s4(do, vec), *_s4(o, vec),
+        *P.bias_strides, *P.mask_strides, HAS_BIAS=P.bias is not None, DELTA_FROM_O=from_o, VEC=vec,
+        **_lse_lo(P), **_launch_kw(P, c))
     return dq, delta
 
 
@@ -487,35 +694,37 @@ def run_dkdv(P: Problem, do: Tensor, lse: Tensor, delta: Tensor, c: dict, ds_mod
         db_strides = (st[0] if P.BB > 1 else 0, st[1] if P.SB > 1 else 0, st[2], st[3], st[4])
     else:
         db, db_strides = dk, (0, 0, 0, 0, 0)
-    grid = (P.rows, triton.cdiv(P.LK, c["BLOCK_N"]))
-    _dkdv_kernel[grid](P.q, k, P.v, P.bias_ptr(k), P.mask_ptr(k), do, lse, delta, dk, dv, db,
-                       P.S, P.H, P.LQ, P.LK, P.D, P.scale,
-                       *_s4(P.q), *_s4(k), *_s4(P.v), *_s4(do), *_s4(dk), *P.bias_strides, *P.mask_strides,
-                       *db_strides, HAS_BIAS=P.bias is not None, HAS_MASK=P.mask is not None, DS_MODE=ds_mode,
-                       BLOCK_D=_block_d(P.D), **P.dot, **_lse_lo(P), **_launch_kw(c))
+    vec = _vec(P.q, k, P.v, do, dk)
+    _dkdv_kernel[_grid(P.rows, P.LK, c["BLOCK_N"])](
+        P.q, k, P.v, P.bias_ptr(k), P.mask_ptr(k), do, lse, delta, dk, dv, db, P.S, P.H, P.LQ, P.LK, P.D, P.scale,
+        *_s4(P.q, vec), *_s4(k, vec), *_s4(P.v, vec), *_s4(do, vec), *_s4(dk, vec), *P.bias_strides,
+        *P.mask_strides, *db_strides, HAS_BIAS=P.bias is not None, DS_MODE=ds_mode, VEC=vec, **_lse_lo(P),
+        **_launch_kw(P, c))
     return dk, dv
 
 
 def run_dbias(P: Problem, do: Tensor, lse: Tensor, delta: Tensor, db: Tensor, c: dict) -> Tensor:
     """Deterministic bias gradient into ``db`` (``[BB, SB, H, L_q, L_k]``, contiguous, bias dtype)."""
     nb, ns = P.B // P.BB, P.S // P.SB
-    grid = (P.BB * P.SB * P.H, triton.cdiv(P.LQ, c["BLOCK_M"]) * triton.cdiv(P.LK, c["BLOCK_N"]))
-    _dbias_kernel[grid](P.q, P.k, P.v, P.bias, P.mask_ptr(P.q), do, lse, delta, db,
-                        P.S, P.H, P.LQ, P.LK, P.D, P.scale, nb, ns, P.SB,
-                        *_s4(P.q), *_s4(P.k), *_s4(P.v), *_s4(do), *P.bias.stride(), *P.mask_strides,
-                        *db.stride(), HAS_MASK=P.mask is not None, BLOCK_D=_block_d(P.D), **P.dot,
-                        **_lse_lo(P), **_launch_kw(c))
+    n_tiles = triton.cdiv(P.LQ, c["BLOCK_M"]) * triton.cdiv(P.LK, c["BLOCK_N"])
+    vec = _vec(P.q, P.k, P.v, do)
+    _dbias_kernel[_grid(P.BB * P.SB * P.H, n_tiles, 1)](
+        P.q, P.k, P.v, P.bias, P.mask_ptr(P.q), do, lse, delta, db, P.S, P.H, P.LQ, P.LK, P.D, P.scale, nb, ns, P.SB,
+        *_s4(P.q, vec), *_s4(P.k, vec), *_s4(P.v, vec), *_s4(do, vec), *P.bias.stride(), *P.mask_strides,
+        *db.stride(), VEC=vec, **_lse_lo(P), **_launch_kw(P, c))
     return db
 
 
 # ---------------------------------------------------------------- entry points (custom ops call these)
 def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None, scale: float,
-            config_override: dict | None = None) -> tuple[Tensor, Tensor]:
-    """``out`` of q's shape (contiguous) and ``lse [*, S, H, 2, L_q]`` (fp32, hi and lo planes)."""
+            config_override: dict | None = None, store_lo: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``out`` of q's shape (contiguous), ``lse [*, S, H, 2, L_q]`` (fp32, hi and lo planes) and, for 16-bit
+    inputs with ``store_lo`` (gradients to come), ``out``'s rounding residual (its shape and dtype; else
+    None). Backward needs all three."""
     P = Problem(q, k, v, bias, mask, scale)
     cfg = config_override or config(q.device, P.LQ, P.LK, P.D)
-    o, lse = run_fwd(P, cfg["fwd"])
-    return o.view(q.shape), lse.view(*q.shape[:-3], P.H, 2, P.LQ)
+    o, lse, o_lo = run_fwd(P, cfg["fwd"], store_lo)
+    return o.view(q.shape), lse.view(*q.shape[:-3], P.H, 2, P.LQ), (None if o_lo is None else o_lo.view(q.shape))
 
 
 def resolve_dbias_mode(mode: str, cfg: dict) -> str:
@@ -526,18 +735,34 @@ def resolve_dbias_mode(mode: str, cfg: dict) -> str:
     return mode
 
 
+def _as5(t: Tensor | None, P: Problem) -> Tensor | None:
+    """A saved output (or residual) of q's shape as ``[B, S, L_q, H, D]``; None if absent or not a view
+    with a contiguous last dim (delta then comes from the key sweep)."""
+    if t is None or t.numel() == 0 or t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(P.B, P.S, P.LQ, P.H, P.D)
+    except RuntimeError:
+        return None
+
+
 def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-             lse: Tensor, scale: float, need_dbias: bool, dbias_mode: str = "auto",
-             config_override: dict | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+             out: Tensor | None, out_lo: Tensor | None, lse: Tensor, scale: float, need_dbias: bool,
+             dbias_mode: str = "auto", config_override: dict | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``dq, dk, dv`` (contiguous, shapes and dtypes of q, k, v) and ``dbias`` (bias's shape and dtype)
-    or None. ``dbias_mode``: "deterministic", "atomic" or "auto" (the tuned table's choice)."""
+    or None. ``out``, ``out_lo``, ``lse``: as :func:`forward` returned them. ``dbias_mode``:
+    "deterministic", "atomic" or "auto" (the tuned table's choice)."""
     P = Problem(q, k, v, bias, mask, scale)
     cfg = config_override or config(q.device, P.LQ, P.LK, P.D)
     if do.stride(-1) != 1:
         do = do.contiguous()
     do5 = do.reshape(P.B, P.S, P.LQ, P.H, P.D)
     lse5 = lse.reshape(P.B, P.S, P.H, 2, P.LQ)
-    dq, delta = run_dq(P, do5, lse5, cfg["dq"])
+    o5, lo5 = _as5(out, P), _as5(out_lo, P)
+    if o5 is not None and lo5 is not None and lo5.stride() != o5.stride():
+        lo5 = None
+    dq, delta = run_dq(P, do5, o5, lo5, lse5, cfg["dq"])
     db, ds_mode = None, 0
     need_dbias = need_dbias and bias is not None
     if need_dbias:

@@ -56,12 +56,13 @@ def tune_shape(shape, log=print, device: str = "cuda") -> dict:
         base[name] = {**base[name], "BLOCK_M": min(base[name]["BLOCK_M"], caps[0]),
                       "BLOCK_N": min(base[name]["BLOCK_N"], caps[1])}
     cands = candidates(P.LQ, P.LK)
-    o_ref, lse = T.run_fwd(P, base["fwd"])
+    o_ref, lse, o_lo = T.run_fwd(P, base["fwd"])     # with the output residual, as a training step runs it
     entry: dict = {}
     best, ms = _tune._best(f"attn fwd {shape.name}", cands, lambda c: T.run_fwd(P, c)[0], o_ref, log)
     entry["fwd"], times = best or base["fwd"], {"fwd": ms}
-    dq_ref, delta = T.run_dq(P, do, lse, base["dq"])
-    best, ms = _tune._best(f"attn dq {shape.name}", cands, lambda c: T.run_dq(P, do, lse, c), (dq_ref, delta), log)
+    dq_ref, delta = T.run_dq(P, do, o_ref, o_lo, lse, base["dq"])
+    best, ms = _tune._best(f"attn dq {shape.name}", cands, lambda c: T.run_dq(P, do, o_ref, o_lo, lse, c),
+                           (dq_ref, delta), log)
     entry["dq"], times["dq"] = best or base["dq"], ms
     direct = bias is None or P.reduced_rows() == 1
     db = None if bias is None else torch.empty((P.BB, P.SB, P.H, P.LQ, P.LK), dtype=bias.dtype, device=device)

@@ -14,6 +14,10 @@ per-sequence gates ``[*, S, K]``), u = sigmoid(g) * o, W ``[N, K]``, y = u W^T +
   bitwise-reproducible weight gradients.
 * fp32 operands multiply in IEEE fp32, each K tile's products summed from zero before they join the
   accumulator (:func:`_transition_triton.mma`): one FMA chain over all of K measured 4-7x eager's error.
+
+The forward and d(o)/d(g) grids are 1-D with the row tile major: the programs of one row tile (its N or
+K tiles) run next to each other, so the o/g (or dY) rows they share come from HBM once and from L2 after.
+W is rounded to the GEMM dtype once on the host (every program reads all of it).
 """
 from __future__ import annotations
 
@@ -40,11 +44,12 @@ def _gate_tile(O, G, o_off, g_off, ks, row_ok, K):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fwd_kernel(O, G, W, Bias, Y, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD2, gs0, gs1, gs2, swn, swk,
+def _fwd_kernel(O, G, W, Bias, Y, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD2, gs0, gs1, gs2, swn, swk, n_tiles,
                 HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
     n_ok = ns < N
     o_off = _row_offsets(rows, oD1, oD2, os0, os1, os2)
@@ -68,11 +73,12 @@ def _fwd_kernel(O, G, W, Bias, Y, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD2, gs
 
 @triton.jit(do_not_specialize=["M"])
 def _bwd_dx_kernel(DY, O, G, W, DO, DG, M, K, N, oD1, oD2, os0, os1, os2, gD1, gD2, gs0, gs1, gs2, swn, swk,
-                   DOT_F32: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
+                   k_tiles, DOT_F32: tl.constexpr, PREC: tl.constexpr, RNE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """du = dY W for one [BLOCK_M, BLOCK_K] tile, then do = du s, dg = du o s (1 - s); du is never stored."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid = tl.program_id(0)
+    rows = (pid // k_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = (pid % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     k_ok = ks < K
     y_row = rows.to(tl.int64) * N
@@ -156,6 +162,22 @@ def config(device: torch.device, k: int, n: int) -> dict:
     return _launch.tuned(device, "gated_output", bucket(k, n)) or default_config(k, n)
 
 
+def grids(m: int, k: int, n: int, cfg: dict, sms: int) -> dict:
+    """Host-side launch geometry of the three kernels for ``m`` rows (no tensors involved).
+
+    ``fwd``/``bwd_dx``: 1-D grids of row tiles x (N or K) tiles with the second index fastest (``n_tiles``,
+    ``k_tiles``: the divisors the kernels unfold pid with); ``bwd_dw``: (N tiles, K tiles, row splits), the
+    splits bounded by ``programs_per_sm * sms``, so every axis stays within CUDA's limits."""
+    f, x, w = cfg["fwd"], cfg["bwd_dx"], cfg["bwd_dw"]
+    n_tiles = triton.cdiv(n, f["BLOCK_N"])
+    k_tiles = triton.cdiv(k, x["BLOCK_K"])
+    wn, wk = triton.cdiv(n, w["BLOCK_N"]), triton.cdiv(k, w["BLOCK_K"])
+    splits, per = _grid_split(triton.cdiv(m, w["BLOCK_M"]), max(1, w["programs_per_sm"] * sms // (wn * wk)))
+    return {"fwd": _launch.check_grid((triton.cdiv(m, f["BLOCK_M"]) * n_tiles,)), "n_tiles": n_tiles,
+            "bwd_dx": _launch.check_grid((triton.cdiv(m, x["BLOCK_M"]) * k_tiles,)), "k_tiles": k_tiles,
+            "bwd_dw": _launch.check_grid((wn, wk, splits)), "tiles_per_split": per}
+
+
 def _layouts(o: Tensor, g: Tensor):
     """Row addressing of o (broadcast to g's shape: stride 0 along the broadcast dims) and g."""
     if o.shape != g.shape:
@@ -174,14 +196,16 @@ def forward(o: Tensor, g: Tensor, w: Tensor, b: Tensor | None, gemm_dtype: torch
     y = torch.empty((*g.shape[:-1], n), dtype=gemm_dtype, device=g.device)
     if m == 0:
         return y
-    c = (cfg or config(g.device, k, n))["fwd"]
+    cfg = cfg or config(g.device, k, n)
+    c = cfg["fwd"]
+    gr = grids(m, k, n, cfg, _launch.sm_count(g.device))
     o2, g2, lay = _layouts(o, g)
-    grid = (triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
-    _fwd_kernel[grid](o2, g2, w, b if b is not None else y, y, m, k, n, *lay, w.stride(0), w.stride(1),
-                      HAS_BIAS=b is not None, RNE=_launch.interpreting(),
-                      **_launch.dot_args(gemm_dtype, follow_torch_tf32=False),
-                      BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                      num_warps=c["num_warps"], num_stages=c["num_stages"])
+    w = _launch.gemm_weight(w, gemm_dtype)
+    _fwd_kernel[gr["fwd"]](o2, g2, w, b if b is not None else y, y, m, k, n, *lay, w.stride(0), w.stride(1),
+                           gr["n_tiles"], HAS_BIAS=b is not None, RNE=_launch.interpreting(),
+                           **_launch.dot_args(gemm_dtype, follow_torch_tf32=False),
+                           BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                           num_warps=c["num_warps"], num_stages=c["num_stages"])
     return y
 
 
@@ -203,21 +227,21 @@ def backward(dy: Tensor, o: Tensor, g: Tensor, w: Tensor, *, need_db: bool,
         return (torch.zeros(o.shape, dtype=o.dtype, device=o.device), dg, torch.zeros((n, k), **f32),
                 torch.zeros(n, **f32) if need_db else None)
     cfg = cfg or config(g.device, k, n)
+    gr = grids(m, k, n, cfg, _launch.sm_count(g.device))
     o2, g2, lay = _layouts(o, g)
     dots = dict(_launch.dot_args(dy2.dtype, follow_torch_tf32=False), RNE=_launch.interpreting())
     c = cfg["bwd_dx"]
-    _bwd_dx_kernel[(triton.cdiv(m, c["BLOCK_M"]), triton.cdiv(k, c["BLOCK_K"]))](
-        dy2, o2, g2, w, do, dg, m, k, n, *lay, w.stride(0), w.stride(1), **dots,
+    w = _launch.gemm_weight(w, dy2.dtype)
+    _bwd_dx_kernel[gr["bwd_dx"]](
+        dy2, o2, g2, w, do, dg, m, k, n, *lay, w.stride(0), w.stride(1), gr["k_tiles"], **dots,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     c = cfg["bwd_dw"]
-    n_tiles, k_tiles = triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(k, c["BLOCK_K"])
-    target = max(1, c["programs_per_sm"] * _launch.sm_count(g.device) // (n_tiles * k_tiles))
-    splits, per = _grid_split(triton.cdiv(m, c["BLOCK_M"]), target)
+    splits = gr["bwd_dw"][2]
     dwp = torch.empty((splits, n, k), **f32)
     dbp = torch.empty((splits, n) if need_db else (0,), **f32)
-    _bwd_dw_kernel[(n_tiles, k_tiles, splits)](
-        dy2, o2, g2, dwp, dbp, m, k, n, *lay, per, HAS_DB=need_db, **dots,
+    _bwd_dw_kernel[gr["bwd_dw"]](
+        dy2, o2, g2, dwp, dbp, m, k, n, *lay, gr["tiles_per_split"], HAS_DB=need_db, **dots,
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
         num_warps=c["num_warps"], num_stages=c["num_stages"])
     if broadcast:

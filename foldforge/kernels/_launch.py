@@ -16,6 +16,11 @@ from torch import Tensor
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 1024            # one row (or one GEMM K) is held in registers as a single tile
+MAX_GRID = (2**31 - 1, 65535, 65535)    # CUDA's launch limits per grid axis (x, y, z)
+# GPUs of one architecture (same SM, shared memory and compiler target) whose committed tables stand in for
+# each other, per op, where a GPU has no entry of its own: H100 block sizes compile and run on an H200
+# unchanged and are measured choices, where the fallback would be the untuned heuristic.
+_SAME_ARCH = {"nvidia-h200": ("nvidia-h100-80gb-hbm3",)}
 _TUNED_DIR = Path(__file__).with_name("tuned")
 _INTERPRET: bool | None = None
 _TABLES: dict[str, dict] = {}
@@ -64,6 +69,23 @@ def dot_args(dtype: torch.dtype, *, follow_torch_tf32: bool) -> dict:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def check_grid(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """``grid`` unchanged, after checking it against CUDA's per-axis limits (:data:`MAX_GRID`): an axis
+    beyond them fails at launch as an invalid argument or, worse, shows up later as an illegal memory
+    access. Kernels put their large extents on axis 0 (program ids folded there); this guards the rest."""
+    for axis, (n, limit) in enumerate(zip(grid, MAX_GRID)):
+        if not 1 <= n <= limit:
+            raise ValueError(f"launch grid {tuple(grid)}: axis {axis} = {n} is outside CUDA's 1..{limit}")
+    return tuple(grid)
+
+
+def gemm_weight(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """A weight matrix in the GEMM dtype, contiguous: fp32 master weights are rounded once per call (to
+    nearest even, as the kernels rounded each tile) instead of every program re-reading the fp32 matrix
+    from L2 -- half the bytes on the operand path. A no-op for weights already in that dtype and layout."""
+    return w.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def row_layout(x: Tensor) -> tuple[Tensor, tuple[int, int], tuple[int, int, int]] | None:
@@ -125,13 +147,22 @@ def sm_count(device: torch.device) -> int:
 
 def tuned(device: torch.device, op: str, key: str) -> dict | None:
     """The committed launch parameters for ``op`` at bucket ``key`` on this GPU, or None (the caller's
-    default heuristic). Tables live in ``tuned/<gpu-slug>.json``; read once per GPU name."""
+    default heuristic). Tables live in ``tuned/<gpu-slug>.json``; read once per GPU name. An op absent from
+    this GPU's table is looked up in the tables of the same architecture (:data:`_SAME_ARCH`)."""
     slug = gpu_slug(device)
+    for name in (slug, *_SAME_ARCH.get(slug, ())):
+        ops = _table(name).get(op)
+        if ops is not None:   # the first table that tunes this op decides, also for a bucket it lacks
+            entry = ops.get(key)
+            return dict(entry) if entry is not None else None
+    return None
+
+
+def _table(slug: str) -> dict:
     if slug not in _TABLES:
         path = _TUNED_DIR / f"{slug}.json"
         _TABLES[slug] = json.loads(path.read_text()) if path.is_file() else {}
-    entry = _TABLES[slug].get(op, {}).get(key)
-    return dict(entry) if entry is not None else None
+    return _TABLES[slug]
 
 
 def set_tuned_override(slug: str, table: dict | None) -> None:

@@ -39,6 +39,17 @@ def _row_offsets(rows, D1, D2, s0, s1, s2):
 
 
 @triton.jit
+def _bound(idx, n, EVEN: tl.constexpr):
+    """``idx < n``; with ``EVEN`` (the host checked that every index of the tile is in range) a constant
+    all-true mask instead, which folds away: the loads and stores it guards compile unmasked."""
+    if EVEN:
+        ok = tl.full(idx.shape, 1, tl.int1)
+    else:
+        ok = idx < n
+    return ok
+
+
+@triton.jit
 def _cv(x, ACT: tl.constexpr, INTERP: tl.constexpr):
     """fp32 -> act, rounded to nearest even (shared by the kernels that round intermediates). Triton 3.9's
     interpreter truncates fp32 -> bf16 casts (measured: 1-ulp errors of one sign, which doubled the bf16
@@ -54,14 +65,16 @@ def _cv(x, ACT: tl.constexpr, INTERP: tl.constexpr):
 
 # Row counts are not specialised (Triton would compile a variant for M == 1 and for M % 16 == 0): they only
 # enter masks, and crops of every size must reuse one binary. Widths and strides stay specialised (16-byte loads).
+# EVEN_N (C is a power of two >= 16: the tile is exactly one row) and EVEN_M (M % BLOCK_M == 0) drop the masks.
 @triton.jit(do_not_specialize=["M"])
 def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, D1, D2, s0, s1, s2, eps,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
-                   LOAD_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   LOAD_STATS: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
+    row_ok = _bound(rows, M, EVEN_M)
+    col_ok = _bound(cols, N, EVEN_N)
     mask = row_ok[:, None] & col_ok[None, :]
     x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
     x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -87,13 +100,13 @@ def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, D1, D2, s0, s1, s2, eps,
 
 @triton.jit(do_not_specialize=["M", "tiles_per_prog"])
 def _ln_bwd_kernel(X, DY, DX, W, Mean, Rstd, DWp, DBp, M, N, D1, D2, s0, s1, s2, tiles_per_prog,
-                   HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
+                   HAS_W: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, EVEN_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w (per row, over the C columns);
     dW += dy * x_hat, db += dy accumulated as [BLOCK_M, BLOCK_N] tiles and reduced once at the end."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    col_ok = _bound(cols, N, EVEN_N)
     if HAS_W:
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -173,7 +186,8 @@ def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, *
     _ln_fwd_kernel[grid](x, y, weight if weight is not None else y, bias if bias is not None else y,
                          mean, rstd, m, n, d1, d2, s0, s1, s2, eps,
                          HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=stats is None,
-                         LOAD_STATS=stats is not None,
+                         LOAD_STATS=stats is not None, EVEN_M=m % cfg["BLOCK_M"] == 0,
+                         EVEN_N=n == cfg["BLOCK_N"],
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     return y, mean, rstd
 
@@ -204,6 +218,7 @@ def backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: T
     _ln_bwd_kernel[(programs,)](x, dy, dx, weight if weight is not None else dx, mean, rstd, dwp, dbp,
                                 m, n, d1, d2, s0, s1, s2, tiles_per_prog,
                                 HAS_W=weight is not None, HAS_DW=need_dw, HAS_DB=need_db,
+                                EVEN_N=n == cfg["BLOCK_N"],
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
     # second pass: a fixed-order column sum of the [programs, C] partials (torch's reduction kernels
     # are deterministic for a given shape)

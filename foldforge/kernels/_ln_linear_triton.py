@@ -282,6 +282,7 @@ def forward(x: Tensor, lw: Tensor | None, lb: Tensor | None, w: Tensor, b: Tenso
     if m == 0:
         return y, mean, rstd
     x, (d1, d2), (s0, s1, s2) = _launch.rows_2d(x)
+    w = _launch.gemm_weight(w, gemm_dtype)     # every program reads all of W: once rounded, half the bytes
     c = cfg["fwd"]
     bk = max(16, _launch.next_pow2(k))
     _fwd_kernel[(triton.cdiv(m, c["BLOCK_M"]),)](
@@ -334,6 +335,7 @@ def fused_bwd_dx(dy2, x, lw, lb, w, mean, rstd, need_dlw, need_dlb, c, dw_db: bo
     k = x.shape[-1]
     fuse = dw_db is not None
     x, (d1, d2), (s0, s1, s2) = _launch.rows_2d(x)
+    w = _launch.gemm_weight(w, dy2.dtype)
     programs, per = _grid_split(triton.cdiv(m, c["BLOCK_M"]), c["programs_per_sm"] * _launch.sm_count(x.device))
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -362,7 +364,7 @@ def fused_bwd_dw(dy2, x, lw, lb, mean, rstd, need_db, c):
     splits, per = _grid_split(triton.cdiv(m, c["BLOCK_M"]), target)
     dwp = torch.empty((splits, n, k), dtype=torch.float32, device=x.device)
     dbp = torch.empty((splits, n) if need_db else (0,), dtype=torch.float32, device=x.device)
-    _bwd_dw_kernel[(n_tiles, splits)](
+    _bwd_dw_kernel[_launch.check_grid((n_tiles, splits))](
         dy2, x, lw if lw is not None else dwp, lb if lb is not None else dwp, mean, rstd, dwp, dbp,
         m, k, n, d1, d2, s0, s1, s2, per,
         HAS_LW=lw is not None, HAS_LB=lb is not None, HAS_DB=need_db,

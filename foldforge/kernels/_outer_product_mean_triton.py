@@ -8,17 +8,23 @@ Forward:
      a, b ``[B, S, L, C]`` (act). The normalised m is not stored.
   2. ``_opm_fwd_kernel``: one program per (i block, j block) of ``BI x BJ`` residues accumulates the
      ``[BI*C, BJ*C]`` tile of sum_s a_s^T b_s over all MSA rows in fp32 registers (a plain GEMM tile with
-     K = S), regroups it in registers to ``[BI*BJ, C*C]`` and multiplies it by W_out^T, adds the bias and
-     divides by n_ij + eps. The ``[L, L, C*C]`` outer-product tensor never exists in memory.
+     K = S), rounds it to act and regroups it in registers to ``[BI*BJ, C*C]``, multiplies it by W_out^T,
+     adds the bias and divides by n_ij + eps. The ``[L, L, C*C]`` outer-product tensor never exists in
+     memory. Programs run in groups of ``GROUP`` i blocks sweeping the j blocks together (the grouped order
+     of a tiled GEMM), so each b column block is read from HBM once per group rather than once per i
+     block when a and b outgrow L2 (large crops). W_out is rounded to act once on the host.
 Saved for backward: m, the LayerNorm statistics, the masked a and b (small: 2C values per MSA element),
 the row-pair counts n.
 
-Backward, over chunks of residues i (``chunk`` rows at a time, so the transient ``[chunk, L, C*C]``
-buffers stay ~16M elements whatever L): with dY' = dY / (n + eps),
-  O_chunk = a_chunk^T b (recomputed),  dW += dY'^T O,  dO = dY' W,
-  da[:, chunk] = b dO^T,  db += a_chunk dO          (cuBLAS, fp32 accumulation)
-then ``_proj_bwd_kernel`` (mask, both projections' dx in registers, LayerNorm backward; writes the
-pre-activation gradients and the normalised m for ``dW = dPre^T z``). Weight gradients are GEMMs with
+Backward, over chunks of residues (``chunk`` rows at a time, so the transient ``[chunk, L, C*C]``
+buffers stay ~16M elements whatever L), with dY' = dY / (n + eps) and dO = dY' W (cuBLAS, fp32 accumulation):
+  i chunks:  O_i = a_i^T b (recomputed),  dW += dY'_i^T O_i,  da[:, i] = b dO_i^T
+  j chunks:  db[:, j] = a dO_j               (dO_j = dY'[:, j] W: the same values, grouped by j)
+Each slice of da and db is one GEMM over its full reduction (K = L*C); the alternative, db += a_i dO_i per
+i chunk, re-reads and re-writes the whole fp32 db ``[B, S, L*C]`` once per chunk (256 times at crop 2048,
+1.3 GB each for the extra MSA), far more than the second dO product costs. Then ``_proj_bwd_kernel`` (mask,
+both projections' dx in registers, LayerNorm backward; writes the pre-activation gradients and the
+normalised m for ``dW = dPre^T z``). Weight gradients are GEMMs with
 fp32 output, bias/LayerNorm gradients fixed-order sums of per-tile partials: deterministic, no atomics.
 """
 from __future__ import annotations
@@ -29,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
+from foldforge.kernels._layer_norm_triton import _bound, _cv, _row_offsets
 from foldforge.kernels._triangle_mult_triton import _proj
 
 MAX_C = 32                     # the [BI*C, BJ*C] accumulator is 128 x 128 fp32 at C = 32
@@ -124,27 +130,40 @@ def _proj_bwd_kernel(X, MASK, LNW, LNB, W1, W2, Mean, Rstd, DA, DB, DPRE, Z, DX,
     tl.store(DLBp + pid * K + ks, tl.sum(dz, axis=0), mask=k_ok)
 
 
-@triton.jit(do_not_specialize=["S", "L"])
-def _opm_fwd_kernel(A, Bm, W, Bias, Norm, Out, S, L, C, NZ, eps, n_bj,
-                    DOT_F32: tl.constexpr, PREC: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
-                    CP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["S", "L", "n_bi", "n_bj"])
+def _opm_fwd_kernel(A, Bm, W, Bias, Norm, Out, S, L, C, NZ, eps, n_bi, n_bj,
+                    DOT_F32: tl.constexpr, PREC: tl.constexpr, EVEN_C: tl.constexpr, GROUP: tl.constexpr,
+                    BI: tl.constexpr, BJ: tl.constexpr, CP: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """EVEN_C: C == CP (C a power of two), so a tile's columns (ii, c) are contiguous in a and b and every
+    (c, d) pair is a real column of W_out: no channel masks."""
     ACT: tl.constexpr = Out.dtype.element_ty
     pid = tl.program_id(0)
     bat = tl.program_id(1).to(tl.int64)
-    i0 = (pid // n_bj) * BI
-    j0 = (pid % n_bj) * BJ
+    # grouped order: pid -> (i block, j block), i fastest within a group of GROUP i blocks
+    per_group = GROUP * n_bj
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_bi - first, GROUP)
+    i0 = (first + (pid % per_group) % size) * BI
+    j0 = ((pid % per_group) // size) * BJ
     # tile columns (ii, c) -> ii * CP + c (C padded to the power of two CP)
     ra = tl.arange(0, BI * CP)
     ia = i0 + ra // CP
-    ca = ra % CP
-    a_ok = (ia < L) & (ca < C)
     rb = tl.arange(0, BJ * CP)
     jb = j0 + rb // CP
-    cb = rb % CP
-    b_ok = (jb < L) & (cb < C)
+    if EVEN_C:
+        a_ok = ia < L
+        b_ok = jb < L
+        a_col = i0 * C + ra
+        b_col = j0 * C + rb
+    else:
+        ca = ra % CP
+        cb = rb % CP
+        a_ok = (ia < L) & (ca < C)
+        b_ok = (jb < L) & (cb < C)
+        a_col = ia * C + ca
+        b_col = jb * C + cb
     base = bat * S * L * C
-    a_col = ia * C + ca
-    b_col = jb * C + cb
     acc = tl.zeros([BI * CP, BJ * CP], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
@@ -156,16 +175,21 @@ def _opm_fwd_kernel(A, Bm, W, Bias, Norm, Out, S, L, C, NZ, eps, n_bj,
             at = at.to(tl.float32)
             bt = bt.to(tl.float32)
         acc = tl.dot(tl.trans(at), bt, acc, input_precision=PREC)
-    # [(ii, c), (jj, d)] -> [(ii, jj), (c, d)]: the rows of the output projection
-    o = tl.reshape(tl.permute(tl.reshape(acc, (BI, CP, BJ, CP)), (0, 2, 1, 3)), (BI * BJ, CP * CP))
-    o = _cv(o, ACT, DOT_F32)
+    # rounded to act first (elementwise, so the same values), then [(ii, c), (jj, d)] -> [(ii, jj), (c, d)]:
+    # the rows of the output projection; the regrouping moves half the bytes of the fp32 tile
+    o = _cv(acc, ACT, DOT_F32)
+    o = tl.reshape(tl.permute(tl.reshape(o, (BI, CP, BJ, CP)), (0, 2, 1, 3)), (BI * BJ, CP * CP))
     if DOT_F32:
         o = o.to(tl.float32)
     kk = tl.arange(0, CP * CP)
-    kc = kk // CP
-    kd = kk % CP
-    k_ok = (kc < C) & (kd < C)
-    w_col = kc * C + kd
+    if EVEN_C:
+        k_ok = _bound(kk, CP * CP, True)
+        w_col = kk
+    else:
+        kc = kk // CP
+        kd = kk % CP
+        k_ok = (kc < C) & (kd < C)
+        w_col = kc * C + kd
     rr = tl.arange(0, BI * BJ)
     oi = i0 + rr // BJ
     oj = j0 + rr % BJ
@@ -189,7 +213,13 @@ def _opm_fwd_kernel(A, Bm, W, Bias, Norm, Out, S, L, C, NZ, eps, n_bj,
 def default_config(c: int) -> dict:
     cp = max(4, _launch.next_pow2(c))
     bi = max(1, 128 // cp)
-    return {"BI": bi, "BJ": bi, "BLOCK_S": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BI": bi, "BJ": bi, "BLOCK_S": 32, "BLOCK_N": 32, "GROUP": 8, "num_warps": 8, "num_stages": 2}
+
+
+def fwd_grid(nb: int, length: int, cfg: dict) -> tuple[int, int]:
+    """``(i blocks x j blocks, batch)``: the residue blocks on axis 0 (2^18 at L = 2048 with 4-residue
+    blocks), the batch -- small -- on axis 1."""
+    return _launch.check_grid((triton.cdiv(length, cfg["BI"]) * triton.cdiv(length, cfg["BJ"]), nb))
 
 
 def config(device: torch.device, c: int) -> dict:
@@ -242,8 +272,8 @@ def forward(m: Tensor, mask: Tensor | None, params: list[Tensor], eps: float, ln
     pb = _proj_block(k, c)
     dot = _launch.dot_args(act, follow_torch_tf32=True)
     _proj_fwd_kernel[(triton.cdiv(rows, pb["BLOCK_M"]),)](
-        mm, maskf, lnw, lnb, w1.contiguous(), b1, w2.contiguous(), b2, a, b, mean, rstd, rows, k, c,
-        d1, d2, s0, s1, s2, ln_eps, **dot, BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
+        mm, maskf, lnw, lnb, _launch.gemm_weight(w1, act), b1, _launch.gemm_weight(w2, act), b2, a, b, mean,
+        rstd, rows, k, c, d1, d2, s0, s1, s2, ln_eps, **dot, BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
         BLOCK_C=pb["BLOCK_C"], num_warps=pb["num_warps"])
     mf = maskf.float()
     norm = torch.bmm(mf.transpose(1, 2), mf)                                     # [B, L, L] fp32, exact
@@ -251,9 +281,10 @@ def forward(m: Tensor, mask: Tensor | None, params: list[Tensor], eps: float, ln
     cfg = cfg or config(dev, c)
     cp = max(4, _launch.next_pow2(c))
     n_bi, n_bj = triton.cdiv(length, cfg["BI"]), triton.cdiv(length, cfg["BJ"])
-    _opm_fwd_kernel[(n_bi * n_bj, nb)](
-        a, b, params[6].contiguous(), params[7], norm, out, s, length, c, nz, eps, n_bj,
-        **dot, BI=cfg["BI"], BJ=cfg["BJ"], CP=cp, BLOCK_S=cfg["BLOCK_S"],
+    _opm_fwd_kernel[fwd_grid(nb, length, cfg)](
+        a, b, _launch.gemm_weight(params[6], act), params[7], norm, out, s, length, c, nz, eps, n_bi, n_bj,
+        **dot, EVEN_C=c == cp, GROUP=cfg.get("GROUP", 8), BI=cfg["BI"], BJ=cfg["BJ"], CP=cp,
+        BLOCK_S=cfg["BLOCK_S"],
         BLOCK_N=min(cfg["BLOCK_N"], max(16, _launch.next_pow2(nz))), num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return out, mean, rstd, a, b, norm, maskf
@@ -268,15 +299,17 @@ def backward(dout: Tensor, m: Tensor, params: list[Tensor], mean: Tensor, rstd: 
     """``dm`` (m's dtype) and the 8 parameter gradients in :class:`OPMParams` order (fp32)."""
     nb, s, length, c, nz = _dims(m, params)
     act, f32 = m.dtype, torch.float32
-    w_out = params[6]
-    w_act = w_out.to(act)
-    # dY' = dY / (n + eps), rounded to act where the reference rounds the gradient of its act output
-    dyn = (dout.reshape(nb, length, length, nz).float() / (norm[..., None] + eps)).to(act)
+    w_act = params[6].to(act)
+    # dY' = dY / (n + eps) in fp32, rounded to act where the reference rounds the gradient of its act output;
+    # one pass (the division runs in fp32 and is cast on store), no fp32 copies of dY
+    dyn = torch.empty((nb, length, length, nz), dtype=act, device=m.device)
+    torch.div(dout.reshape(nb, length, length, nz), norm[..., None] + eps, out=dyn)
     db_out = dyn.sum((0, 1, 2), dtype=f32)
+    a_f = a.reshape(nb, s, length * c)
     b_f = b.reshape(nb, s, length * c)
     da = torch.empty((nb, s, length, c), dtype=f32, device=m.device)
-    db = torch.zeros((nb, s, length * c), dtype=f32, device=m.device)
-    dw = torch.zeros((nz, c * c), dtype=f32, device=m.device)
+    db = torch.empty((nb, s, length, c), dtype=f32, device=m.device)
+    dw = None
     step = chunk_rows(length, c, nb)
     for i0 in range(0, length, step):
         i1 = min(length, i0 + step)
@@ -285,11 +318,18 @@ def backward(dout: Tensor, m: Tensor, params: list[Tensor], mean: Tensor, rstd: 
         o = _bmm(a_ic.transpose(1, 2), b_f, act)                                  # [B, li*C, L*C]
         o = o.view(nb, li, c, length, c).transpose(2, 3).reshape(nb * li * length, c * c)
         dy_ic = dyn[:, i0:i1].reshape(nb * li * length, nz)
-        dw += _mm_f32(dy_ic.t(), o)
-        del o
+        dw_ic = _mm_f32(dy_ic.t(), o)
+        dw = dw_ic if dw is None else dw.add_(dw_ic)
+        del o, dw_ic
         do = (dy_ic @ w_act).view(nb, li, length, c, c).transpose(2, 3).reshape(nb, li * c, length * c)
         da[:, :, i0:i1] = _bmm(b_f, do.transpose(1, 2), f32).view(nb, s, li, c)   # [B, S, li*C]
-        db += _bmm(a_ic, do, f32)
+        del do
+    for j0 in range(0, length, step):
+        j1 = min(length, j0 + step)
+        lj = j1 - j0
+        dy_jc = dyn[:, :, j0:j1].reshape(nb * length * lj, nz)                    # rows (b, i, j in chunk)
+        do = (dy_jc @ w_act).view(nb, length, lj, c, c).transpose(2, 3).reshape(nb, length * c, lj * c)
+        db[:, :, j0:j1] = _bmm(a_f, do, f32).view(nb, s, lj, c)                    # [B, S, lj*C]
         del do
     k = m.shape[-1]
     rows = nb * s * length
@@ -304,8 +344,8 @@ def backward(dout: Tensor, m: Tensor, params: list[Tensor], mean: Tensor, rstd: 
     db_p = torch.empty((tiles, 2 * c), dtype=f32, device=m.device)
     mm, (d1, d2), (s0, s1, s2) = _launch.rows_2d(m)
     _proj_bwd_kernel[(tiles,)](
-        mm, maskf, lnw, lnb, w1.contiguous(), w2.contiguous(), mean, rstd, da, db, dpre, z, dm, dlw_p, dlb_p,
-        db_p, rows, k, c, d1, d2, s0, s1, s2, **_launch.dot_args(act, follow_torch_tf32=True),
+        mm, maskf, lnw, lnb, _launch.gemm_weight(w1, act), _launch.gemm_weight(w2, act), mean, rstd, da, db,
+        dpre, z, dm, dlw_p, dlb_p, db_p, rows, k, c, d1, d2, s0, s1, s2, **_launch.dot_args(act, follow_torch_tf32=True),
         BLOCK_M=pb["BLOCK_M"], BLOCK_K=pb["BLOCK_K"],
         BLOCK_C=pb["BLOCK_C"], num_warps=pb["num_warps"])
     dw_cat = _mm_f32(dpre.t(), z)                                               # [2C, c_m]

@@ -410,7 +410,7 @@ def backward(dy: Tensor, x: Tensor, lw: Tensor | None, lb: Tensor | None, w1: Te
     dw2p = torch.empty((splits, h, c), **f32)
     db1p = torch.empty((splits, w1.shape[0]) if need_db1 else (0,), **f32)
     db2p = torch.empty((splits, c) if need_db2 else (0,), **f32)
-    _bwd_dw_kernel[(h_tiles, splits)](
+    _bwd_dw_kernel[_launch.check_grid((h_tiles, splits))](
         *ptrs, dw1p, dw2p, db1p, db2p, m, c, h, d1, d2, s0, s1, s2, *strides, per,
         HAS_DB1=need_db1, HAS_DB2=need_db2, **common, BLOCK_M=k["BLOCK_M"], BLOCK_H=k["BLOCK_H"],
         num_warps=k["num_warps"], num_stages=k["num_stages"])

@@ -39,17 +39,32 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
+from foldforge.kernels._layer_norm_triton import _bound, _cv, _row_offsets
 
 MAX_C = 256      # c_z and c_hidden are each held as one register tile per row
 
 
 @triton.jit
-def _cm_offsets(rows, LL, CLL):
-    """Offset of channel 0 of row r = (b, p) in a channel-major ``[B, C, L, L]`` tensor (int64)."""
-    r = rows.to(tl.int64)
-    b = r // LL
-    return b * CLL + (r - b * LL)
+def _cm_rows(r0, rows, LL, C, EVEN_LL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Offsets (int64) of channel 0 of the tile's rows r = (b, p) in a channel-major ``[B, C, L, L]`` tensor,
+    and the stride between channel planes (``LL``).
+
+    With ``EVEN_LL`` (``LL % BLOCK_M == 0``; the tile is rows ``r0 + arange(BLOCK_M)``) the tile lies in one
+    batch entry: its offsets are one run of BLOCK_M consecutive elements starting at a multiple of BLOCK_M,
+    and the plane stride is a multiple of BLOCK_M. Both are written so that Triton's alignment analysis
+    derives them (LL itself is not specialised; ``(LL // BLOCK_M) * BLOCK_M == LL`` here), so accesses along
+    the rows are vectorised and coalesced. Otherwise every row's batch entry is found separately."""
+    if EVEN_LL:
+        plane = (LL // BLOCK_M) * BLOCK_M
+        r = r0.to(tl.int64)
+        b = r // plane
+        cm = b * (C * plane) + (r - b * plane) + tl.arange(0, BLOCK_M)
+    else:
+        plane = LL
+        r = rows.to(tl.int64)
+        b = r // LL
+        cm = b * (C * LL) + (r - b * LL)
+    return cm, plane
 
 
 @triton.jit
@@ -90,14 +105,16 @@ def _proj(x, W, Bias, cs, c_ok, ks, k_ok, K, ACT: tl.constexpr, DOT_F32: tl.cons
     return y, w
 
 
+# EVEN_LL (every kernel below): L*L % BLOCK_M == 0, so row tiles are full and stay in one batch entry.
 @triton.jit(do_not_specialize=["M", "LL"])
 def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, WG, BG,
                      A, B, G, Mean, Rstd, M, K, C, LL, D1, D2, s0, s1, s2, eps,
-                     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, EVEN_LL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     ACT: tl.constexpr = A.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    r0 = tl.program_id(0) * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = _bound(rows, M, EVEN_LL)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
@@ -118,12 +135,12 @@ def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
         m = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         m = tl.where(row_ok, 1.0, 0.0)
-    cm = _cm_offsets(rows, LL, C * LL)
+    cm, plane = _cm_rows(r0, rows, LL, C, EVEN_LL, BLOCK_M)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < C
         st_ok = row_ok[:, None] & c_ok[None, :]
-        off = cm[:, None] + cs[None, :].to(tl.int64) * LL
+        off = cm[:, None] + cs[None, :].to(tl.int64) * plane
         p, _w = _proj(x, WAP, BAP, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
         g, _w = _proj(x, WAG, BAG, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
         tl.store(A + off, _cv(m[:, None] * _sigmoid(g) * p, ACT, DOT_F32), mask=st_ok)
@@ -139,14 +156,16 @@ def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
 
 
 @triton.jit
-def _load_t_norm(T, LNW, LNB, rows, row_ok, C, LL, eps, LOAD_STATS: tl.constexpr, Mean, Rstd,
-                 BLOCK_C: tl.constexpr):
-    """Rows of the channel-major T as a ``[BLOCK_M, BLOCK_C]`` fp32 tile and its LayerNorm over C."""
+def _load_t_norm(T, LNW, LNB, r0, rows, row_ok, C, LL, eps, LOAD_STATS: tl.constexpr, Mean, Rstd,
+                 EVEN_LL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows of the channel-major T as a ``[BLOCK_M, BLOCK_C]`` fp32 tile and its LayerNorm over C; also the
+    tile's channel-major offsets (``[BLOCK_M, BLOCK_C]``, int64)."""
     cs = tl.arange(0, BLOCK_C)
     c_ok = cs < C
     mk = row_ok[:, None] & c_ok[None, :]
-    t = tl.load(T + _cm_offsets(rows, LL, C * LL)[:, None] + cs[None, :].to(tl.int64) * LL, mask=mk,
-                other=0.0)
+    cm, plane = _cm_rows(r0, rows, LL, C, EVEN_LL, BLOCK_M)
+    cm_off = cm[:, None] + cs[None, :].to(tl.int64) * plane
+    t = tl.load(T + cm_off, mask=mk, other=0.0)
     if LOAD_STATS:
         mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
         tc = tl.where(mk, t - mean[:, None], 0.0)
@@ -158,18 +177,19 @@ def _load_t_norm(T, LNW, LNB, rows, row_ok, C, LL, eps, LOAD_STATS: tl.constexpr
     that = tc * rstd[:, None]
     lw = tl.load(LNW + cs, mask=c_ok, other=0.0).to(tl.float32)
     u = that * lw[None, :] + tl.load(LNB + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    return cs, c_ok, mk, mean, rstd, that, lw, tl.where(mk, u, 0.0)
+    return cs, c_ok, mk, cm_off, mean, rstd, that, lw, tl.where(mk, u, 0.0)
 
 
 @triton.jit(do_not_specialize=["M", "LL"])
 def _out_fwd_kernel(T, LNW, LNB, WZ, BZ, G, Out, Mean, Rstd, M, C, NZ, LL, eps,
-                    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                    DOT_F32: tl.constexpr, PREC: tl.constexpr, EVEN_LL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     ACT: tl.constexpr = Out.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cs, c_ok, mk, mean, rstd, that, lw, u = _load_t_norm(T, LNW, LNB, rows, row_ok, C, LL, eps, False,
-                                                          Mean, Rstd, BLOCK_C)
+    r0 = tl.program_id(0) * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = _bound(rows, M, EVEN_LL)
+    cs, c_ok, mk, cm_off, mean, rstd, that, lw, u = _load_t_norm(
+        T, LNW, LNB, r0, rows, row_ok, C, LL, eps, False, Mean, Rstd, EVEN_LL, BLOCK_M, BLOCK_C)
     tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
     u = _cv(u, ACT, DOT_F32)
@@ -187,16 +207,17 @@ def _out_fwd_kernel(T, LNW, LNB, WZ, BZ, G, Out, Mean, Rstd, M, C, NZ, LL, eps,
 
 @triton.jit(do_not_specialize=["M", "LL"])
 def _out_bwd_kernel(DY, T, LNW, LNB, WZ, BZ, G, Mean, Rstd, DT, DYL, U, DPRE, DLWp, DLBp, DBp,
-                    M, C, NZ, NP, LL, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                    M, C, NZ, NP, LL, DOT_F32: tl.constexpr, PREC: tl.constexpr, EVEN_LL: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """out = (u W_z^T + b_z) * g, u = LayerNorm(T): writes dY*g, u, dT, and the gate pre-activation
     gradient dY * y * g (1 - g) into columns [4C, 4C + c_z) of DPRE."""
     ACT: tl.constexpr = DT.dtype.element_ty
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cs, c_ok, mk, mean, rstd, that, lw, u = _load_t_norm(T, LNW, LNB, rows, row_ok, C, LL, 0.0, True,
-                                                          Mean, Rstd, BLOCK_C)
+    r0 = pid * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = _bound(rows, M, EVEN_LL)
+    cs, c_ok, mk, cm_off, mean, rstd, that, lw, u = _load_t_norm(
+        T, LNW, LNB, r0, rows, row_ok, C, LL, 0.0, True, Mean, Rstd, EVEN_LL, BLOCK_M, BLOCK_C)
     u = _cv(u, ACT, DOT_F32)
     tl.store(U + rows.to(tl.int64)[:, None] * C + cs[None, :], u, mask=mk)
     if DOT_F32:
@@ -226,7 +247,7 @@ def _out_bwd_kernel(DY, T, LNW, LNB, WZ, BZ, G, Mean, Rstd, DT, DYL, U, DPRE, DL
     c1 = _div(tl.sum(that * gw, axis=1), C)
     c2 = _div(tl.sum(gw, axis=1), C)
     dt = (gw - that * c1[:, None] - c2[:, None]) * rstd[:, None]
-    tl.store(DT + _cm_offsets(rows, LL, C * LL)[:, None] + cs[None, :].to(tl.int64) * LL, _cv(dt, ACT, DOT_F32), mask=mk)
+    tl.store(DT + cm_off, _cv(dt, ACT, DOT_F32), mask=mk)
     tl.store(DLWp + pid * C + cs, tl.sum(du * that, axis=0), mask=c_ok)
     tl.store(DLBp + pid * C + cs, tl.sum(du, axis=0), mask=c_ok)
 
@@ -234,12 +255,13 @@ def _out_bwd_kernel(DY, T, LNW, LNB, WZ, BZ, G, Mean, Rstd, DT, DYL, U, DPRE, DL
 @triton.jit(do_not_specialize=["M", "LL"])
 def _proj_bwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, WG, Mean, Rstd,
                      DA, DB, DPRE, X, DZ, DLWp, DLBp, DBp, M, K, C, NP, LL, D1, D2, s0, s1, s2,
-                     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, EVEN_LL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     ACT: tl.constexpr = X.dtype.element_ty
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    r0 = pid * BLOCK_M
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_ok = _bound(rows, M, EVEN_LL)
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
@@ -260,14 +282,14 @@ def _proj_bwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
         m = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         m = tl.where(row_ok, 1.0, 0.0)
-    cm = _cm_offsets(rows, LL, C * LL)
+    cm, plane = _cm_rows(r0, rows, LL, C, EVEN_LL, BLOCK_M)
     p_row = rows.to(tl.int64) * NP
     dxn = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         c_ok = cs < C
         st_ok = row_ok[:, None] & c_ok[None, :]
-        off = cm[:, None] + cs[None, :].to(tl.int64) * LL
+        off = cm[:, None] + cs[None, :].to(tl.int64) * plane
         for side in tl.static_range(2):
             if side == 0:
                 p, wp = _proj(x, WAP, BAP, cs, c_ok, ks, k_ok, K, ACT, DOT_F32, PREC)
@@ -393,6 +415,12 @@ def _dims(z: Tensor, params) -> tuple[int, int, int, int, int]:
     return nb, length, k, c, nb * length * length
 
 
+def _even_ll(length: int, c: dict) -> bool:
+    """Row tiles of ``c["BLOCK_M"]`` rows never straddle two pair matrices (any crop that is a multiple of 8
+    at the default 64-row tiles): the channel-major accesses vectorise along the rows."""
+    return (length * length) % c["BLOCK_M"] == 0
+
+
 def _mask_rows(mask: Tensor | None, m: int, dtype: torch.dtype) -> Tensor | None:
     if mask is None:
         return None
@@ -418,18 +446,20 @@ def forward(z: Tensor, mask: Tensor | None, params: list[Tensor], outgoing: bool
     bk = max(16, _launch.next_pow2(k))
     bc = max(16, _launch.next_pow2(c))
     dot = _launch.dot_args(act, follow_torch_tf32=False)
+    wap, wag, wbp, wbg, wg, wz = (_launch.gemm_weight(w, act) for w in (wap, wag, wbp, wbg, wg, wz))
     cp = cfg["proj_fwd"]
     _proj_fwd_kernel[(triton.cdiv(m, cp["BLOCK_M"]),)](
-        zz, maskf if maskf is not None else a, lnw, lnb, wap.contiguous(), bap, wag.contiguous(), bag,
-        wbp.contiguous(), bbp, wbg.contiguous(), bbg, wg.contiguous(), bg, a, b, gate, mean, rstd,
-        m, k, c, length * length, d1, d2, s0, s1, s2, eps, HAS_MASK=maskf is not None, **dot,
+        zz, maskf if maskf is not None else a, lnw, lnb, wap, bap, wag, bag, wbp, bbp, wbg, bbg, wg, bg,
+        a, b, gate, mean, rstd, m, k, c, length * length, d1, d2, s0, s1, s2, eps, HAS_MASK=maskf is not None,
+        EVEN_LL=_even_ll(length, cp), **dot,
         **_launch_args(cp, BLOCK_M=cp["BLOCK_M"], BLOCK_K=bk, BLOCK_C=min(cp["BLOCK_C"], bc)))
     t = _contract(a, b, outgoing, torch.float32)                  # [B C, L, L] fp32
     out = torch.empty(z.shape, dtype=act, device=dev)
     mean_t, rstd_t = torch.empty(m, **f32), torch.empty(m, **f32)
     co = cfg["out_fwd"]
     _out_fwd_kernel[(triton.cdiv(m, co["BLOCK_M"]),)](
-        t, lnwo, lnbo, wz.contiguous(), bz, gate, out, mean_t, rstd_t, m, c, k, length * length, eps, **dot,
+        t, lnwo, lnbo, wz, bz, gate, out, mean_t, rstd_t, m, c, k, length * length, eps,
+        EVEN_LL=_even_ll(length, co), **dot,
         **_launch_args(co, BLOCK_M=co["BLOCK_M"], BLOCK_C=bc, BLOCK_N=min(co["BLOCK_N"], bk)))
     return out, mean, rstd, a, b, gate, t, mean_t, rstd_t
 
@@ -446,6 +476,7 @@ def backward(dy: Tensor, z: Tensor, mask: Tensor | None, params: list[Tensor], m
     bk = max(16, _launch.next_pow2(k))
     bc = max(16, _launch.next_pow2(c))
     dot = _launch.dot_args(act, follow_torch_tf32=False)
+    wap, wag, wbp, wbg, wg, wz = (_launch.gemm_weight(w, act) for w in (wap, wag, wbp, wbg, wg, wz))
     dy = dy.reshape(m, k)
     if not dy.is_contiguous():
         dy = dy.contiguous()
@@ -459,8 +490,8 @@ def backward(dy: Tensor, z: Tensor, mask: Tensor | None, params: list[Tensor], m
     dlwo_p, dlbo_p = torch.empty((tiles, c), **f32), torch.empty((tiles, c), **f32)
     dbo_p = torch.empty((tiles, 2 * k), **f32)                # [b_z | b_g] partials
     _out_bwd_kernel[(tiles,)](
-        dy, t, lnwo, lnbo, wz.contiguous(), bz, gate, mean_t, rstd_t, dt, dyl, u, dpre, dlwo_p, dlbo_p, dbo_p,
-        m, c, k, n_pre, length * length, **dot,
+        dy, t, lnwo, lnbo, wz, bz, gate, mean_t, rstd_t, dt, dyl, u, dpre, dlwo_p, dlbo_p, dbo_p,
+        m, c, k, n_pre, length * length, EVEN_LL=_even_ll(length, co), **dot,
         **_launch_args(co, BLOCK_M=co["BLOCK_M"], BLOCK_C=bc, BLOCK_N=min(co["BLOCK_N"], bk)))
     dwz = _mm_f32(dyl.t(), u)
     dbo = dbo_p.sum(0)
@@ -482,10 +513,9 @@ def backward(dy: Tensor, z: Tensor, mask: Tensor | None, params: list[Tensor], m
     dlw_p, dlb_p = torch.empty((tiles, k), **f32), torch.empty((tiles, k), **f32)
     dbi_p = torch.empty((tiles, 4 * c), **f32)                # [a_p | a_g | b_p | b_g] bias partials
     _proj_bwd_kernel[(tiles,)](
-        zz, maskf if maskf is not None else x, lnw, lnb, wap.contiguous(), bap, wag.contiguous(), bag,
-        wbp.contiguous(), bbp, wbg.contiguous(), bbg, wg.contiguous(), mean, rstd, da, db, dpre, x, dz,
-        dlw_p, dlb_p, dbi_p, m, k, c, n_pre, length * length, d1, d2, s0, s1, s2,
-        HAS_MASK=maskf is not None, **dot,
+        zz, maskf if maskf is not None else x, lnw, lnb, wap, bap, wag, bag, wbp, bbp, wbg, bbg, wg, mean, rstd,
+        da, db, dpre, x, dz, dlw_p, dlb_p, dbi_p, m, k, c, n_pre, length * length, d1, d2, s0, s1, s2,
+        HAS_MASK=maskf is not None, EVEN_LL=_even_ll(length, cp), **dot,
         **_launch_args(cp, BLOCK_M=cp["BLOCK_M"], BLOCK_K=bk, BLOCK_C=min(cp["BLOCK_C"], bc)))
     del da, db
     dw = _mm_f32(dpre.t(), x)                                       # [4C + c_z, c_z]

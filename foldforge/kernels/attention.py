@@ -12,8 +12,11 @@ gradients. Padding rows are common in AF2 crops and the Triton kernel produces t
 ``impl="triton"`` runs :mod:`foldforge.kernels._attention_triton` (online softmax, no ``L x L`` tensor in
 memory) through two ``torch.library`` custom ops (forward, backward) joined by ``register_autograd``, so
 ``torch.compile(fullgraph=True)`` keeps them as opaque nodes; eager calls go through a lighter
-``torch.autograd.Function``. Saved for backward: q, k, v, bias, mask and the per-row log-sum-exp
-(8 bytes per query row and head) -- not the output.
+``torch.autograd.Function``. Saved for backward: q, k, v, bias, mask, the per-row log-sum-exp (8 bytes
+per query row and head) and, for 16-bit inputs, the output (usually kept by the next op anyway: the gate
+multiply) with its rounding residual (the size of the output, written only when gradients are wanted), from
+which the backward sums ``delta = dO . O`` to ~16 bits without a second sweep over the keys (see
+:mod:`foldforge.kernels._attention_triton`). The output must then not be modified in place before backward.
 """
 from __future__ import annotations
 
@@ -117,44 +120,65 @@ def _kernels():
 # ---------------------------------------------------------------- custom ops (forward, backward)
 @torch.library.custom_op("foldforge::evo_attention_fwd", mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-              scale: float) -> tuple[Tensor, Tensor]:
-    return _kernels().forward(q, k, v, bias, mask, scale)
+              scale: float, store_lo: bool) -> tuple[Tensor, Tensor, Tensor]:
+    out, lse, out_lo = _kernels().forward(q, k, v, bias, mask, scale, store_lo=store_lo)
+    return out, lse, (out_lo if out_lo is not None else q.new_empty(0))   # custom ops return no None
+
+
+def _stores_lo(q: Tensor, store_lo: bool) -> bool:
+    """Whether the forward keeps the output's rounding residual: 16-bit inputs whose gradients are wanted."""
+    return store_lo and q.dtype != torch.float32
 
 
 @_attn_fwd.register_fake
-def _(q, k, v, bias, mask, scale):
-    return q.new_empty(q.shape), q.new_empty((*q.shape[:-3], q.shape[-2], 2, q.shape[-3]), dtype=torch.float32)
+def _(q, k, v, bias, mask, scale, store_lo):
+    lo = q.new_empty(q.shape) if _stores_lo(q, store_lo) else q.new_empty(0)
+    return q.new_empty(q.shape), q.new_empty((*q.shape[:-3], q.shape[-2], 2, q.shape[-3]), dtype=torch.float32), lo
 
 
 @torch.library.custom_op("foldforge::evo_attention_bwd", mutates_args=())
 def _attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None,
-              lse: Tensor, scale: float, need_dbias: bool, dbias_mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, db = _kernels().backward(do, q, k, v, bias, mask, lse, scale, need_dbias, dbias_mode)
+              out: Tensor | None, out_lo: Tensor | None, lse: Tensor, scale: float, need_dbias: bool,
+              dbias_mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv, db = _kernels().backward(do, q, k, v, bias, mask, out, out_lo, lse, scale, need_dbias, dbias_mode)
     return dq, dk, dv, (db if db is not None else q.new_empty(0))   # custom ops return no None
 
 
 @_attn_bwd.register_fake
-def _(do, q, k, v, bias, mask, lse, scale, need_dbias, dbias_mode):
+def _(do, q, k, v, bias, mask, out, out_lo, lse, scale, need_dbias, dbias_mode):
     db = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), db
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, scale = inputs[:6]
-    _, lse = output
-    ctx.save_for_backward(q, k, v, bias, mask, lse)
+def _save(ctx, q, k, v, bias, mask, scale, dbias_mode, out, lse, out_lo, has_lo):
+    """What backward needs. Without the residual (fp32 inputs) the output is not kept: the backward sums
+    delta by a sweep over the keys instead."""
+    if not has_lo:
+        out = out_lo = None
+    ctx.save_for_backward(q, k, v, bias, mask, out, out_lo, lse)
     ctx.scale = scale
-    ctx.dbias_mode = inputs[6] if len(inputs) > 6 else "auto"
+    ctx.dbias_mode = dbias_mode
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, bias, mask, lse = ctx.saved_tensors
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, scale, store_lo = inputs
+    out, lse, out_lo = output
+    _save(ctx, q, k, v, bias, mask, scale, "auto", out, lse, out_lo, _stores_lo(q, store_lo))
+
+
+def _backward(ctx, dout, _dlse, _dlo):
+    q, k, v, bias, mask, out, out_lo, lse = ctx.saved_tensors
     need_db = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, db = _attn_bwd(dout, q, k, v, bias, mask, lse, ctx.scale, need_db, ctx.dbias_mode)
-    return dq, dk, dv, (db if need_db else None), None, None
+    dq, dk, dv, db = _attn_bwd(dout, q, k, v, bias, mask, out, out_lo, lse, ctx.scale, need_db, ctx.dbias_mode)
+    return dq, dk, dv, (db if need_db else None), None, None, None
 
 
 _attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    """Whether a backward can follow (the forward then stores the output's residual)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _EvoAttentionEager(torch.autograd.Function):
@@ -163,18 +187,19 @@ class _EvoAttentionEager(torch.autograd.Function):
     shapes)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, scale, dbias_mode):
-        out, lse = _kernels().forward(q, k, v, bias, mask, scale)
-        _setup_context(ctx, (q, k, v, bias, mask, scale, dbias_mode), (out, lse))
+    def forward(ctx, q, k, v, bias, mask, scale, dbias_mode, store_lo):
+        out, lse, out_lo = _kernels().forward(q, k, v, bias, mask, scale, store_lo=store_lo)
+        _save(ctx, q, k, v, bias, mask, scale, dbias_mode, out, lse, out_lo, out_lo is not None)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, bias, mask, lse = ctx.saved_tensors
+        q, k, v, bias, mask, out, out_lo, lse = ctx.saved_tensors
         need_db = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, db = _kernels().backward(dout, q, k, v, bias, mask, lse, ctx.scale, need_db, ctx.dbias_mode)
-        return dq, dk, dv, db, None, None, None
+        dq, dk, dv, db = _kernels().backward(dout, q, k, v, bias, mask, out, out_lo, lse, ctx.scale, need_db,
+                                             ctx.dbias_mode)
+        return dq, dk, dv, db, None, None, None, None
 
 
 def evo_attention_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, mask: Tensor | None = None,
@@ -190,8 +215,8 @@ def evo_attention_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = 
         if dbias_mode != "auto":
             raise ValueError("evo_attention: under torch.compile the bias gradient mode comes from the tuned "
                              "table (dbias_mode='auto')")
-        return _attn_fwd(q, k, v, bias, mask, scale)[0]
-    return _EvoAttentionEager.apply(q, k, v, bias, mask, scale, dbias_mode)[0]
+        return _attn_fwd(q, k, v, bias, mask, scale, _wants_grad(q, k, v, bias))[0]
+    return _EvoAttentionEager.apply(q, k, v, bias, mask, scale, dbias_mode, _wants_grad(q, k, v, bias))[0]
 
 
 def evo_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, mask: Tensor | None = None,

@@ -123,6 +123,38 @@ def test_atomic_bias_gradient_matches_reference(case, dtype):
     _check(q, k, v, bias, mask, do, name=f"{name} {dtype} atomic", mode="atomic")
 
 
+@pytest.fixture
+def small_tiles():
+    """16 x 16 tiles for the d32-l32 bucket (a tuned-table override), so lengths 24..32 span two blocks."""
+    from foldforge.kernels import _attention_triton as T
+    slug = _launch.gpu_slug(DEVICE)
+    tile = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}
+    entry = {name: dict(tile) for name in ("fwd", "dq", "dkdv", "dbias")}
+    _launch.set_tuned_override(slug, {"evo_attention": {"d32-l32": entry}})
+    T.clear_config_cache()
+    yield
+    _launch.set_tuned_override(slug, None)
+    T.clear_config_cache()
+
+
+@pytest.mark.parametrize(("mode", "dtype"), [("deterministic", torch.float32), ("deterministic", BF16),
+                                             ("atomic", BF16)], ids=["det-fp32", "det-bf16", "atomic-bf16"])
+def test_full_tiles_over_several_blocks(small_tiles, mode, dtype):
+    """Lengths that are multiples of the tile (no bounds masks: the EVEN_* paths), two blocks per row, four
+    rows: with a key mask, without one (no key check at all), one of L_q, L_k full and the other partial, and
+    a head dim below the tile (D = 24)."""
+    g = gen(22)
+    q, k, v, do = (randn(1, 2, 32, 2, 32, g=g, dtype=dtype) for _ in range(4))
+    bias = randn(1, 1, 2, 32, 32, g=g, dtype=dtype, scale=3.0)
+    _check(q, k, v, bias, _mask((1, 2, 32), g, pad=3), do, name="full tiles, mask", mode=mode)
+    _check(q, k, v, bias, None, do, name="full tiles, no mask", mode=mode)
+    _check(q, k[:, :, :24], v[:, :, :24], bias[..., :24], None, do, name="L_q full, L_k partial", mode=mode)
+    _check(q[:, :, :24], k, v, bias[..., :24, :], _mask((1, 2, 32), g), do[:, :, :24], name="L_q partial, L_k full",
+           mode=mode)
+    q24, k24, v24, do24 = (t[..., :24] for t in (q, k, v, do))
+    _check(q24, k24, v24, bias, _mask((1, 2, 32), g), do24, name="full tiles, D 24", mode=mode)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_per_row_bias_and_batch_broadcast_bias(mode):
     """A bias per (b, s) row (no reduction: stored by the dK/dV kernel) and one shared by every batch

@@ -1,16 +1,16 @@
 """Triton residual add with shared dropout (foldforge.kernels.bias_dropout_residual, impl="triton"): the mask
 is shared along the right axis, reproducible with a fixed generator and different with another seed,
-keep-rate ~ 1 - p, output and d(update) = mask * scale under the three-way rule with the kernel's own mask,
-d(x) = dY, strided inputs, eval/p = 0 identity, supports() and dispatch."""
+keep-rate ~ 1 - p, output and d(update) = mask * scale under the three-way rule with the kernel's own mask
+(shapes covering the per-row path, mask tiles reused over runs of rows i or of j tiles, and unmasked
+power-of-two tiles), d(x) = dY, strided inputs, eval/p = 0 identity, supports() and dispatch."""
 import pytest
 import torch
 
 from foldforge import kernels as K
 from foldforge.bench.shapes import DROPOUT_SHAPES
-from foldforge.kernels import _launch
 from foldforge.kernels.dropout import bias_dropout_residual_reference, supports
 from foldforge.testing import assert_close_to_reference
-from tests.kernels._triton_env import DEVICE, F64, HAS_CUDA, gen, interpreter_scope, leaves, randn
+from tests.kernels._triton_env import DEVICE, F64, gen, interpreter_scope, leaves, randn
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,8 +55,8 @@ def test_reproducible_and_seed_dependent(width):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shared_dim", [-3, -2, None], ids=["row", "col", "none"])
-@pytest.mark.parametrize("dims", [(1, 1, 8), (7, 7, 16), (3, 37, 64), (2, 5, 768), (1000, 1, 16)],
-                         ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("dims", [(1, 1, 8), (7, 7, 16), (3, 37, 64), (2, 5, 768), (1000, 1, 16), (4, 16, 32),
+                                  (2, 2000, 16)], ids=lambda d: "x".join(map(str, d)))
 def test_matches_reference_with_kernel_mask(dims, shared_dim, dtype):
     """out = x + update * mask and d(update) = dY * mask against x + update * mask computed in the low
     precision and in fp64 (mask = the kernel's, read off with the same generator seed)."""

@@ -88,6 +88,18 @@ def test_chunked_backward(monkeypatch):
            randn(1, 13, 13, 16, g=g, dtype=torch.bfloat16), name="chunked")
 
 
+def test_grouped_block_order(monkeypatch):
+    """Groups of 3 i blocks (the last group short: 10 blocks at L = 37) walk the j blocks together; every
+    (i, j) block is computed once (compared against the reference like any other shape), the batch on axis 1."""
+    cfg = {**T.default_config(8), "BI": 4, "BJ": 4, "GROUP": 3}
+    assert T.fwd_grid(2, 37, cfg) == (100, 2)
+    monkeypatch.setattr(T, "config", lambda device, c: cfg)
+    g = gen(11)
+    m = randn(2, 5, 37, 16, g=g, dtype=torch.bfloat16, scale=2.0)
+    _check(m, _msa_mask(2, 5, 37, g), _params(16, 8, 16, g), randn(2, 37, 37, 16, g=g, dtype=torch.bfloat16),
+           name="grouped order")
+
+
 def test_backward_is_deterministic():
     g = gen(4)
     m, p = randn(1, 9, 20, 16, g=g, dtype=torch.bfloat16), _params(16, 8, 16, g)

@@ -222,3 +222,18 @@ def test_contraction_is_fp32_accurate_gpu(direction):
     assert t.dtype == torch.float32
     err = (t.double() - hp).abs().max().item()
     assert err <= 64 * 2.0 ** -24 * hp.abs().max().item(), err
+
+
+@pytest.mark.parametrize("direction", ["outgoing", "incoming"])
+@pytest.mark.parametrize("length", [8, 16])
+def test_even_crop_tiles(length, direction):
+    """L*L a multiple of the 64-row tile (crops that are multiples of 8): the kernels address each row tile
+    of the channel-major a, b, T and their gradients as one run inside one pair matrix, without row masks;
+    two batch entries, so a tile that straddled them would show."""
+    from foldforge.kernels import _triangle_mult_triton as T
+    assert all(T._even_ll(length, c) for c in T.default_config(24, 20).values())
+    g = gen(500 + length)
+    z = randn(2, length, length, 24, g=g, dtype=torch.bfloat16, scale=2.0, shift=0.3)
+    dy = randn(2, length, length, 24, g=g, dtype=torch.bfloat16)
+    _check(z, _pair_mask(2, length, g), _params(24, 20, g), dy, direction=direction,
+           name=f"L={length} {direction} even tiles")
