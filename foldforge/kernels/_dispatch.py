@@ -26,15 +26,16 @@ def validate_impl(impl: str) -> str:
     return impl
 
 
-def resolve(op: str, impl: str, supports: Callable[[], bool]) -> str:
+def resolve(op: str, impl: str, supports: Callable[[], bool], *, auto_triton: bool = True) -> str:
     """The implementation that runs ``op`` for these inputs: "reference" or "triton".
 
     ``supports`` is the op's capability check bound to the call's inputs; it is only evaluated for
-    "auto" and "triton". The resolution is logged (INFO, logger ``foldforge.kernels``) the first time each
+    "auto" and "triton". ``auto_triton=False``: "auto" picks the reference even where the Triton path
+    supports the inputs (an op whose kernel measured slower than the reference on these inputs). The resolution is logged (INFO, logger ``foldforge.kernels``) the first time each
     (op, requested, resolved) combination occurs in an eager call in this process.
     """
     validate_impl(impl)
-    if impl == "reference":
+    if impl == "reference" or (impl == "auto" and not auto_triton):
         resolved = "reference"
     elif supports():
         resolved = "triton"

@@ -192,6 +192,10 @@ def transition(x: Tensor, params: TransitionParams, *, activation: str = "relu",
     """Transition update (AF2 Suppl. Alg. 9/15, AF3 Suppl. Alg. 11); see :func:`transition_reference`."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"transition: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if _dispatch.resolve("transition", impl, lambda: supports(x, params, activation)) == "triton":
+    # "auto" runs the reference on CUDA: on an H100 the Triton transition was 0.13-0.59x torch.compile and
+    # 0.23-1.3x eager fwd+bwd at the AF2/AF3 shapes (docs/bench_ops_h100_2026-11-22.md); impl="triton"
+    # still selects it (it keeps 3-10x less memory)
+    if _dispatch.resolve("transition", impl, lambda: supports(x, params, activation),
+                         auto_triton=not x.is_cuda) == "triton":
         return transition_triton(x, params, activation=activation, eps=eps)
     return transition_reference(x, params, activation=activation, eps=eps)
