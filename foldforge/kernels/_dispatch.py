@@ -31,8 +31,9 @@ def resolve(op: str, impl: str, supports: Callable[[], bool], *, auto_triton: bo
 
     ``supports`` is the op's capability check bound to the call's inputs; it is only evaluated for
     "auto" and "triton". ``auto_triton=False``: "auto" picks the reference even where the Triton path
-    supports the inputs (an op whose kernel measured slower than the reference on these inputs). The resolution is logged (INFO, logger ``foldforge.kernels``) the first time each
-    (op, requested, resolved) combination occurs in an eager call in this process.
+    supports the inputs (an op whose kernel measured slower than the reference on these inputs). The
+    resolution is logged (INFO, logger ``foldforge.kernels``) the first time each (op, requested, resolved)
+    combination occurs in an eager call in this process.
     """
     validate_impl(impl)
     if impl == "reference" or (impl == "auto" and not auto_triton):

@@ -39,6 +39,24 @@ def _row_offsets(rows, D1, D2, s0, s1, s2):
 
 
 @triton.jit
+def _load_rows(X, rows, cols, mask, D1, D2, s0, s1, s2):
+    """A row tile of a strided ``[*, D1, D2, n]`` tensor (rows over the leading dims) as fp32, 0 outside
+    ``mask``."""
+    return tl.load(X + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + cols[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _xhat_saved(x, Mean, Rstd, rows, row_ok, mask):
+    """``(x - mean) * rstd`` of an fp32 row tile with the statistics the forward saved, 0 outside ``mask``,
+    and ``rstd`` (every backward that recomputes its LayerNorm instead of keeping the normalised
+    activation)."""
+    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    return tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), rstd
+
+
+@triton.jit
 def _bound(idx, n, EVEN: tl.constexpr):
     """``idx < n``; with ``EVEN`` (the host checked that every index of the tile is in range) a constant
     all-true mask instead, which folds away: the loads and stores it guards compile unmasked."""
@@ -76,17 +94,14 @@ def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, D1, D2, s0, s1, s2, eps,
     row_ok = _bound(rows, M, EVEN_M)
     col_ok = _bound(cols, N, EVEN_N)
     mask = row_ok[:, None] & col_ok[None, :]
-    x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
-    x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_rows(X, rows, cols, mask, D1, D2, s0, s1, s2)
     if LOAD_STATS:   # re-apply saved statistics (recomputing z for a backward GEMM)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xc = tl.where(mask, x - mean[:, None], 0.0)
+        y, rstd = _xhat_saved(x, Mean, Rstd, rows, row_ok, mask)
     else:
         mean = tl.sum(x, axis=1) / N
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-    y = xc * rstd[:, None]
+        y = xc * rstd[:, None]
     if HAS_W:
         y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_B:
@@ -115,13 +130,10 @@ def _ln_bwd_kernel(X, DY, DX, W, Mean, Rstd, DWp, DBp, M, N, D1, D2, s0, s1, s2,
         rows = (pid * tiles_per_prog + t) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
-        x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
         y_off = rows.to(tl.int64) * N
-        x = tl.load(X + x_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = _load_rows(X, rows, cols, mask, D1, D2, s0, s1, s2)
         dy = tl.load(DY + y_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, rstd = _xhat_saved(x, Mean, Rstd, rows, row_ok, mask)
         if HAS_W:
             g = dy * w[None, :]
         else:

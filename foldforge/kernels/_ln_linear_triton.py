@@ -29,7 +29,7 @@ from torch import Tensor
 
 from foldforge.kernels import _launch
 from foldforge.kernels import _layer_norm_triton as _ln
-from foldforge.kernels._layer_norm_triton import _row_offsets
+from foldforge.kernels._layer_norm_triton import _load_rows, _xhat_saved
 
 FUSED_MAX_K = 256
 
@@ -44,8 +44,7 @@ def _fwd_kernel(X, LW, LB, W, Bias, Y, Mean, Rstd, M, K, N, D1, D2, s0, s1, s2, 
     row_ok = rows < M
     k_ok = ks < K
     mask = row_ok[:, None] & k_ok[None, :]
-    x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
-    x = tl.load(X + x_off[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_rows(X, rows, ks, mask, D1, D2, s0, s1, s2)
     mean = tl.sum(x, axis=1) / K
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
@@ -117,11 +116,7 @@ def _bwd_dx_kernel(DY, W, X, LW, LB, Mean, Rstd, DX, DLWp, DLBp, DWp, DBp, M, K,
                 w = w.to(tl.float32)
             dz = tl.dot(dy, w, dz, input_precision=PREC)
         mask = row_ok[:, None] & k_ok[None, :]
-        x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
-        x = tl.load(X + x_off[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, rstd = _xhat_saved(_load_rows(X, rows, ks, mask, D1, D2, s0, s1, s2), Mean, Rstd, rows, row_ok, mask)
         if HAS_LW:
             g = dz * lw[None, :]
         else:
@@ -190,11 +185,7 @@ def _bwd_dw_kernel(DY, X, LW, LB, Mean, Rstd, DWp, DBp, M, K, N, D1, D2, s0, s1,
         y_row = rows.to(tl.int64) * N
         dy = tl.load(DY + y_row[:, None] + ns[None, :], mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         mask = row_ok[:, None] & k_ok[None, :]
-        x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
-        x = tl.load(X + x_off[:, None] + ks[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        z = (x - mean[:, None]) * rstd[:, None]
+        z, _ = _xhat_saved(_load_rows(X, rows, ks, mask, D1, D2, s0, s1, s2), Mean, Rstd, rows, row_ok, mask)
         if HAS_LW:
             z = z * lw[None, :]
         if HAS_LB:

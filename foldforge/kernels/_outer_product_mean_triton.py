@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _bound, _cv, _row_offsets
+from foldforge.kernels._layer_norm_triton import _bound, _cv, _load_rows, _xhat_saved
 from foldforge.kernels._triangle_mult_triton import _proj
 
 MAX_C = 32                     # the [BI*C, BJ*C] accumulator is 128 x 128 fp32 at C = 32
@@ -53,8 +53,7 @@ def _proj_fwd_kernel(X, MASK, LNW, LNB, W1, B1, W2, B2, A, Bo, Mean, Rstd, M, K,
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(X + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + ks[None, :], mask=mk2,
-                other=0.0).to(tl.float32)
+    x = _load_rows(X, rows, ks, mk2, D1, D2, s0, s1, s2)
     mean = tl.sum(x, axis=1) / K
     xc = tl.where(mk2, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / K + eps)
@@ -90,11 +89,7 @@ def _proj_bwd_kernel(X, MASK, LNW, LNB, W1, W2, Mean, Rstd, DA, DB, DPRE, Z, DX,
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
-    x = tl.load(X + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + ks[None, :], mask=mk2,
-                other=0.0).to(tl.float32)
-    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-    xhat = tl.where(mk2, (x - mean[:, None]) * rstd[:, None], 0.0)
+    xhat, rstd = _xhat_saved(_load_rows(X, rows, ks, mk2, D1, D2, s0, s1, s2), Mean, Rstd, rows, row_ok, mk2)
     lw = tl.load(LNW + ks, mask=k_ok, other=0.0).to(tl.float32)
     z = xhat * lw[None, :] + tl.load(LNB + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     x_row = rows.to(tl.int64) * K

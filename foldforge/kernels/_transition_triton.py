@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _cv, _row_offsets
+from foldforge.kernels._layer_norm_triton import _cv, _load_rows, _xhat_saved
 from foldforge.kernels._ln_linear_triton import _grid_split
 
 
@@ -60,12 +60,9 @@ def _ln_tile(X, LW, LB, Mean, Rstd, rows, cs, M, C, D1, D2, s0, s1, s2, eps,
     row_ok = rows < M
     c_ok = cs < C
     mask = row_ok[:, None] & c_ok[None, :]
-    x_off = _row_offsets(rows, D1, D2, s0, s1, s2)
-    x = tl.load(X + x_off[:, None] + cs[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = _load_rows(X, rows, cs, mask, D1, D2, s0, s1, s2)
     if LOAD_STATS:
-        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        xhat, _ = _xhat_saved(x, Mean, Rstd, rows, row_ok, mask)
     else:
         mean = tl.sum(x, axis=1) / C
         xc = tl.where(mask, x - mean[:, None], 0.0)

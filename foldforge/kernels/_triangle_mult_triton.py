@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from foldforge.kernels import _launch
-from foldforge.kernels._layer_norm_triton import _bound, _cv, _row_offsets
+from foldforge.kernels._layer_norm_triton import _bound, _cv, _load_rows, _xhat_saved
 
 MAX_C = 256      # c_z and c_hidden are each held as one register tile per row
 
@@ -118,8 +118,7 @@ def _proj_fwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
-    z = tl.load(Z + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + ks[None, :], mask=mk2,
-                other=0.0).to(tl.float32)
+    z = _load_rows(Z, rows, ks, mk2, D1, D2, s0, s1, s2)
     mean = _div(tl.sum(z, axis=1), K)
     zc = tl.where(mk2, z - mean[:, None], 0.0)
     rstd = _rstd(tl.sum(zc * zc, axis=1), K, eps)
@@ -265,11 +264,7 @@ def _proj_bwd_kernel(Z, MASK, LNW, LNB, WAP, BAP, WAG, BAG, WBP, BBP, WBG, BBG, 
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     mk2 = row_ok[:, None] & k_ok[None, :]
-    z = tl.load(Z + _row_offsets(rows, D1, D2, s0, s1, s2)[:, None] + ks[None, :], mask=mk2,
-                other=0.0).to(tl.float32)
-    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-    xhat = tl.where(mk2, (z - mean[:, None]) * rstd[:, None], 0.0)
+    xhat, rstd = _xhat_saved(_load_rows(Z, rows, ks, mk2, D1, D2, s0, s1, s2), Mean, Rstd, rows, row_ok, mk2)
     lw = tl.load(LNW + ks, mask=k_ok, other=0.0).to(tl.float32)
     x = tl.where(mk2, xhat * lw[None, :] + tl.load(LNB + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :],
                  0.0)
