@@ -219,6 +219,13 @@ class TrainConfig:
                                             # (whole chains, like validation); -1: all of them, 0: none
     val_fraction: float = 0.1               # share of chains held out for validation (at least one)
 
+    def check(self) -> None:
+        """Raise ValueError for a value no run can use (checked before a run directory is written)."""
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"train.precision must be 'bf16' or 'fp32', not {self.precision!r}")
+        if self.target_split not in ("val", "train"):
+            raise ValueError(f"train.target_split must be 'val' or 'train', not {self.target_split!r}")
+
 
 @dataclass
 class RunConfig:

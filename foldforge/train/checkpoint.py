@@ -271,6 +271,7 @@ def resolve_config(env: DistEnv, *, preset: str | None, data: str | None, out: s
         if (run_dir / CONFIG_FILE).exists() or list_checkpoints(run_dir):
             raise FileExistsError(f"{run_dir} already holds a run; continue it with --resume or choose another --out")
         data = data or default_data
+    cfg.train.check()   # a bad value fails here, before the run directory holds a config
     barrier(env)   # every rank has checked the directory before rank 0 writes into it
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -136,9 +136,8 @@ class DataPosition:
 def train(cfg: RunConfig, env: D.DistEnv, run_dir: Path, data: str, *, resume: bool = False,
           progress: bool = True) -> dict:
     t, device = cfg.train, env.device
+    t.check()
     precision = t.precision if device.type == "cuda" else "fp32"   # bf16 autocast is a GPU recipe
-    if t.precision not in ("bf16", "fp32"):
-        raise ValueError(f"train.precision must be 'bf16' or 'fp32', not {t.precision!r}")
     say = print if env.is_main else (lambda *a, **k: None)
 
     # 1. model, optimizer, EMA ------------------------------------------------------------------
@@ -160,8 +159,6 @@ def train(cfg: RunConfig, env: D.DistEnv, run_dir: Path, data: str, *, resume: b
     n_fit = len(train_idx) if t.eval_train_chains < 0 else min(t.eval_train_chains, len(train_idx))
     fit_ds = AF2Dataset(subset_cache(cache, train_idx[:n_fit]), cfg.data, seed=t.seed, train=False) \
         if n_fit > 0 else None
-    if t.target_split not in ("val", "train"):
-        raise ValueError(f"train.target_split must be 'val' or 'train', not {t.target_split!r}")
     target_key = "mean_lddt_ca" if t.target_split == "val" else "train_mean_lddt_ca"
     target_ds = val_ds if t.target_split == "val" else fit_ds
     has_eval = val_ds is not None or fit_ds is not None

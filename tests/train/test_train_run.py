@@ -124,3 +124,11 @@ def test_training_chains_evaluated_and_used_as_target(sample_cache, tmp_path, ca
     assert main(["train", "--data", str(sample_cache), "--out", str(tmp_path / "r2"), "--target-lddt", "0.5",
                  "--set", "train.target_split=train"]) == 1
     assert "needs training chains to evaluate" in capsys.readouterr().err
+
+
+def test_bad_train_value_is_an_error_before_the_run_directory_is_written(sample_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(sample_cache), "--out", str(run), "--max-steps", "1", "--no-progress",
+                 "--set", "train.target_split=holdout"]) == 1
+    assert "train.target_split must be 'val' or 'train', not 'holdout'" in capsys.readouterr().err
+    assert not run.exists()   # nothing half-written: the same --out works once the value is fixed
