@@ -170,6 +170,8 @@ def _bench_parser(sub) -> None:
                     help="activation checkpointing per block (default: the preset's setting)")
     ck.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     st.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype (default bf16)")
+    st.add_argument("--batch-size", type=int, default=1,
+                    help="samples stacked per step, as train.batch_size (default 1); samples/s counts them")
     ab = bsub.add_parser("ablation", help="the step benchmark with each optimization switched on in turn",
                          description="Baseline (reference kernels, bf16) -> + each Triton op alone -> all "
                                      "kernels -> fp32 for comparison -> + torch.compile -> without activation "
@@ -248,7 +250,7 @@ def _cmd_bench(args) -> int:
         row = run_step_benchmark(args.preset, data=args.data, crop=args.crop, kernels=args.kernels,
                                  compile=args.compile, checkpointing=args.checkpointing, dtype=args.dtype,
                                  steps=args.steps, warmup=args.warmup, num_recycles=args.recycles,
-                                 results=Path(args.results))
+                                 batch_size=args.batch_size, results=Path(args.results))
         return 0 if row["step_s"] is not None or row["oom"] else 1
     if args.bench_cmd == "ablation":
         from foldforge.bench.step import run_ablation, run_max_crop

@@ -65,7 +65,7 @@ def small_af2() -> RunConfig:
             heads=HeadsConfig(plddt_hidden=64),
         ),
         train=TrainConfig(warmup_steps=100, clip_grad_norm=1.0, ema_decay=0.99, max_steps=4000, eval_every=500,
-                          checkpoint_every=250, num_workers=4),
+                          checkpoint_every=250, num_workers=8),
     )
 
 

@@ -96,8 +96,8 @@ def _batch_source(cfg: RunConfig, data: str, seed: int) -> Callable[[int], objec
     return lambda i: ds[SampleKey(i % len(ds), 0, i)]
 
 
-def _loader(source, n: int, workers: int):
-    return iter(torch.utils.data.DataLoader(_Samples(source, n), batch_size=1, collate_fn=collate,
+def _loader(source, n: int, workers: int, batch_size: int = 1):
+    return iter(torch.utils.data.DataLoader(_Samples(source, n * batch_size), batch_size=batch_size, collate_fn=collate,
                                             num_workers=workers, pin_memory=torch.cuda.is_available(),
                                             prefetch_factor=2 if workers else None,
                                             persistent_workers=False))
@@ -155,10 +155,12 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
                        kernels: str | KernelConfig = "reference", compile: bool = False,
                        checkpointing: bool | None = None, dtype: str = "bf16", steps: int = 5, warmup: int = 2,
                        num_recycles: int | None = None, workers: int | None = None, seed: int = 0,
+                       batch_size: int = 1,
                        label: str | None = None, results: Path | None = None, profile: bool = False,
                        log: Callable[[str], None] = print) -> dict:
     """Run ``warmup + steps`` training steps and return (and append to ``results``) one row.
 
+    ``batch_size`` samples are stacked per step (as ``train.batch_size``; samples/s counts them).
     ``checkpointing=None`` keeps the preset's setting. ``profile`` runs one more step under
     ``torch.profiler`` after the timed ones and stores the top GPU (CPU) kernels by total time in the row. An out-of-memory error is a result too
     (``"oom": true``); a kernel that cannot run these inputs (``impl="triton"`` where its ``supports()``
@@ -171,6 +173,8 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
     cfg.model.kernels = kc
     if checkpointing is not None:
         cfg.model.checkpoint_blocks = checkpointing
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,6 +187,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         "kernels": dataclasses.asdict(kc), "compile": compile, "dtype": dtype,
         "checkpointing": cfg.model.checkpoint_blocks, "steps": steps, "warmup": warmup,
         "num_recycles": "sampled" if num_recycles is None else num_recycles, "data": data,
+        "batch_size": batch_size,
     }
     _free_memory()
     _dispatch.reset_resolutions()
@@ -201,7 +206,7 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         # with compile: one more untimed step first (eager, records the kernels used), then compile, so the
         # compilation itself and its recompiles (grad / no-grad graphs) fall in the warm-up steps
         warm = warmup + (1 if compile else 0)
-        batches = _loader(_batch_source(cfg, data, seed), warm + steps + int(profile), workers)
+        batches = _loader(_batch_source(cfg, data, seed), warm + steps + int(profile), workers, batch_size)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         clock = _Clock(device)
         max_norm = cfg.train.clip_grad_norm if cfg.train.clip_grad_norm > 0 else math.inf
@@ -246,9 +251,9 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
         row["recycles_used"] = recycles_used
         flops = [train_step_flops(cfg.model, n_res=d.crop_size, n_clust=d.max_msa_clusters, n_extra=d.max_extra_msa,
                                   n_templ=d.max_templates, num_recycles=r) for r in recycles_used]
-        row["tflop_per_step"] = float(np.mean(flops)) / 1e12
-        row["tflops_achieved"] = float(np.sum(flops) / np.sum(total)) / 1e12
-        row["samples_per_s"] = float(len(total) / np.sum(total))
+        row["tflop_per_step"] = batch_size * float(np.mean(flops)) / 1e12
+        row["tflops_achieved"] = batch_size * float(np.sum(flops) / np.sum(total)) / 1e12
+        row["samples_per_s"] = float(batch_size * len(total) / np.sum(total))
         row["loss_last"] = losses[-1]
     else:
         row["step_s"] = None
@@ -263,7 +268,8 @@ def run_step_benchmark(preset: str, *, data: str = "synthetic", crop: int | None
                       f"--kernels {kernels_label(kc)} --steps {steps} --warmup {warmup} --dtype {dtype}"
                       + (" --compile" if compile else "")
                       + (" --checkpointing" if cfg.model.checkpoint_blocks else " --no-checkpointing")
-                      + ("" if num_recycles is None else f" --recycles {num_recycles}"))
+                      + ("" if num_recycles is None else f" --recycles {num_recycles}")
+                      + ("" if batch_size == 1 else f" --batch-size {batch_size}"))
     log(summary_line(row))
     if results is not None:
         append_jsonl(results, [row])

@@ -53,6 +53,20 @@ def test_bench_step_from_a_cache(tmp_path):
     assert set(row["loss_last"]) >= {"fape_backbone", "lddt_ca", "loss"}
 
 
+def test_bench_step_batch_size_stacks_samples(tmp_path):
+    results = tmp_path / "r.jsonl"
+    assert main(["bench", "step", "--preset", "tiny_af2", "--steps", "1", "--warmup", "0", "--recycles", "0",
+                 "--batch-size", "2", "--results", str(results)]) == 0
+    row = json.loads(results.read_text().splitlines()[-1])
+    assert row["batch_size"] == 2 and "--batch-size 2" in row["command"]
+    assert row["samples_per_s"] == pytest.approx(2 / row["step_s"]["median"])
+    cfg = get_preset("tiny_af2")
+    d = cfg.data
+    one = train_step_flops(cfg.model, n_res=64, n_clust=d.max_msa_clusters, n_extra=d.max_extra_msa,
+                           n_templ=d.max_templates, num_recycles=0)
+    assert row["tflop_per_step"] == pytest.approx(2 * one / 1e12)
+
+
 def test_kernel_toggle_changes_the_implementation_that_runs():
     """layer_norm=triton routes the LayerNorms (and the LN+Linear of the pair bias) to the Triton kernels
     (here through the interpreter); nothing else changes."""
