@@ -11,7 +11,7 @@
 #     --msa-dir ../shared/data/openfold_af2_testdata/alignments_per_chain
 #     --template-mmcif-dir ../shared/data/openfold_af2_testdata/mmcifs --out cache/openfold_testdata),
 #   TARGET (0.8), MAX_STEPS (20000), BATCH (samples per step of a new run; default: the preset's),
-#   EVAL_EVERY (steps between evaluations of a new run, default 250).
+#   EVAL_EVERY (steps between evaluations of a new run, default 200).
 set -euo pipefail
 KERNELS=${1:-auto}
 SECONDS_LIMIT=${2:-0}
@@ -19,7 +19,7 @@ RUN=${RUN:-runs/small_af2-gpu}
 DATA=${DATA:-cache/openfold_testdata}
 TARGET=${TARGET:-0.8}
 MAX_STEPS=${MAX_STEPS:-20000}
-EVAL_EVERY=${EVAL_EVERY:-250}
+EVAL_EVERY=${EVAL_EVERY:-200}
 kernel_sets=()
 for op in attention layer_norm triangle_mult outer_product_mean transition gated_output dropout; do
     kernel_sets+=("model.kernels.$op=$KERNELS")
