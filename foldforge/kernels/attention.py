@@ -206,7 +206,8 @@ def evo_attention_triton(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = 
                          *, scale: float | None = None, dbias_mode: str = "auto") -> Tensor:
     """The Triton path without dispatch (callers have checked :func:`supports`). Under torch.compile the
     custom ops (opaque graph nodes, bias gradient mode from the tuned table); in eager the autograd
-    Function. ``dbias_mode``: "auto" (the tuned table's choice for the shape, else deterministic),
+    Function. ``dbias_mode``: "auto" (deterministic under ``torch.use_deterministic_algorithms(True)``,
+    else the tuned table's choice for the shape, else deterministic),
     "deterministic" (a separate reduction kernel, bitwise reproducible) or "atomic" (fp32 atomics)."""
     if dbias_mode not in DBIAS_MODES:
         raise ValueError(f"evo_attention: dbias_mode must be one of {DBIAS_MODES}, got {dbias_mode!r}")

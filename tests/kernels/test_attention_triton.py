@@ -229,6 +229,22 @@ def test_deterministic_path_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
+def test_auto_bias_gradient_mode_follows_table_and_torch_determinism():
+    """dbias_mode="auto" takes the tuned table's choice, except under torch.use_deterministic_algorithms(True),
+    where it is the deterministic reduction (bitwise reproducible gradients)."""
+    from foldforge.kernels._attention_triton import resolve_dbias_mode
+    assert resolve_dbias_mode("auto", {}) == "deterministic"
+    assert resolve_dbias_mode("auto", {"dbias_mode": "atomic"}) == "atomic"
+    assert resolve_dbias_mode("atomic", {"dbias_mode": "deterministic"}) == "atomic"
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert resolve_dbias_mode("auto", {"dbias_mode": "atomic"}) == "deterministic"
+        assert resolve_dbias_mode("atomic", {}) == "atomic"   # an explicit choice is kept
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_chunked_rows_match_unchunked():
     """chunk_size splits the S rows into separate launches: identical outputs and dq/dk/dv (rows are
     independent); the bias gradient is summed over chunks by autograd, so it matches to rounding."""
