@@ -176,10 +176,12 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("length", [256, 384])
 def test_canonical_shapes_gpu(length, direction, request):
     if (length, direction) == (384, "incoming"):
-        # H100/H200, 2026-11-22: dlayer_norm_out_weight at ~3x the bf16 reference's error (every other output
-        # and gradient within the rule); open: the cuBLAS contraction's accumulation at L = 384 is suspected
-        # (test_contraction_is_fp32_accurate_gpu checks T directly)
-        request.applymarker(pytest.mark.xfail(strict=False, reason="known: dlayer_norm_out_weight ~3x at L=384"))
+        # H100/H200, 2026-11-22: dlayer_norm_out_weight at 3.0x the bf16 reference's error with this seed
+        # (every other output and gradient within the rule). Not systematic: on an H100 the worst ratio over all
+        # gradients was 1.31 and 1.12 with seeds 9 and 10 at the same shape, 1.89 outgoing, 1.17 / 1.30 at
+        # L = 320 / 448 (benchmarks/results/tuning/attention_default_vs_tuned_h100_2026-11-22.json, "triangle"):
+        # the max-error ratio of a 128-element sum over 147k rows scatters with the data
+        request.applymarker(pytest.mark.xfail(strict=False, reason="dlayer_norm_out_weight 3.0x at L=384 with seed 8 (1.1-1.3x with seeds 9, 10)"))
     """AF2 (crop 256) and AF3 (crop 384) pair stacks: c_z = C = 128, bf16 activations, fp32 weights."""
     g = gen(8)
     z = randn(1, length, length, 128, g=g, dtype=torch.bfloat16, scale=2.0)
