@@ -503,9 +503,13 @@ def _dbias_kernel(Q, K, V, Bias, Mask, DO, Lse, Delta, DB, S, H, LQ, LK, D: tl.c
 
 
 # ---------------------------------------------------------------- launch parameters
-def bucket(lq: int, lk: int, d: int) -> str:
-    """Tuned-table key: padded head dim and the next power of two of the longer length (16..1024)."""
-    return f"d{max(16, _launch.next_pow2(d))}-l{min(1024, max(16, _launch.next_pow2(max(lq, lk))))}"
+def bucket(lq: int, lk: int, d: int, rows: int | None = None) -> str:
+    """Tuned-table key: padded head dim and the next power of two of the longer length (16..1024), with
+    ``-s1`` when a single row (batch x S = 1: AF3 single attention) makes the call: its grid is H x L / tile
+    programs, so it wants other tiles than the many-row triangle and MSA shapes of the same L (measured on an
+    H100: the d32-l512 entry tuned at 512 rows ran AF3 single attention at 0.91x the default tiles)."""
+    key = f"d{max(16, _launch.next_pow2(d))}-l{min(1024, max(16, _launch.next_pow2(max(lq, lk))))}"
+    return key + "-s1" if rows == 1 else key
 
 
 def default_config(d: int) -> dict:
@@ -520,11 +524,12 @@ def default_config(d: int) -> dict:
 _CONFIGS: dict[tuple, dict] = {}
 
 
-def config(device: torch.device, lq: int, lk: int, d: int) -> dict:
+def config(device: torch.device, lq: int, lk: int, d: int, rows: int | None = None) -> dict:
     """The tuned entry of this shape bucket on this GPU (or :func:`default_config`), with the tiles
-    clipped to the lengths (a 16-row tile for L = 7). Cached per (GPU, bucket, lengths' clip)."""
+    clipped to the lengths (a 16-row tile for L = 7). ``rows`` = batch x S of the call (a single-row call has
+    its own bucket, see :func:`bucket`). Cached per (GPU, bucket, lengths' clip)."""
     bm_cap, bn_cap = max(16, _launch.next_pow2(lq)), max(16, _launch.next_pow2(lk))
-    key = (_launch.gpu_slug(device), bucket(lq, lk, d), min(bm_cap, 1024), min(bn_cap, 1024))
+    key = (_launch.gpu_slug(device), bucket(lq, lk, d, rows), min(bm_cap, 1024), min(bn_cap, 1024))
     cfg = _CONFIGS.get(key)
     if cfg is None:
         base = default_config(d)
@@ -722,7 +727,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor |
     inputs with ``store_lo`` (gradients to come), ``out``'s rounding residual (its shape and dtype; else
     None). Backward needs all three."""
     P = Problem(q, k, v, bias, mask, scale)
-    cfg = config_override or config(q.device, P.LQ, P.LK, P.D)
+    cfg = config_override or config(q.device, P.LQ, P.LK, P.D, P.B * P.S)
     o, lse, o_lo = run_fwd(P, cfg["fwd"], store_lo)
     return o.view(q.shape), lse.view(*q.shape[:-3], P.H, 2, P.LQ), (None if o_lo is None else o_lo.view(q.shape))
 
@@ -757,7 +762,7 @@ def backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, m
     or None. ``out``, ``out_lo``, ``lse``: as :func:`forward` returned them. ``dbias_mode``:
     "deterministic", "atomic" or "auto" (the tuned table's choice)."""
     P = Problem(q, k, v, bias, mask, scale)
-    cfg = config_override or config(q.device, P.LQ, P.LK, P.D)
+    cfg = config_override or config(q.device, P.LQ, P.LK, P.D, P.B * P.S)
     if do.stride(-1) != 1:
         do = do.contiguous()
     do5 = do.reshape(P.B, P.S, P.LQ, P.H, P.D)

@@ -104,7 +104,7 @@ def sweep(shapes: Iterable, out: Path | None = None, log: Callable[[str], None] 
     from foldforge.kernels import _attention_triton as T
     largest: dict[str, object] = {}
     for s in shapes:
-        key = T.bucket(s.length, s.length, s.head_dim)
+        key = T.bucket(s.length, s.length, s.head_dim, s.batch * s.rows)
         work = s.batch * s.rows * s.length ** 2
         if key not in largest or work > largest[key].batch * largest[key].rows * largest[key].length ** 2:
             largest[key] = s

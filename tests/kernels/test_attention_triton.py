@@ -123,6 +123,29 @@ def test_atomic_bias_gradient_matches_reference(case, dtype):
     _check(q, k, v, bias, mask, do, name=f"{name} {dtype} atomic", mode="atomic")
 
 
+def test_single_row_calls_have_their_own_tuned_bucket():
+    """A call with batch x S = 1 (AF3 single attention) looks up "<bucket>-s1" and never the many-row entry of
+    the same length; without an -s1 entry it gets the default launch parameters."""
+    from foldforge.kernels import _attention_triton as T
+    assert T.bucket(384, 384, 24) == "d32-l512" and T.bucket(384, 384, 24, rows=4) == "d32-l512"
+    assert T.bucket(384, 384, 24, rows=1) == "d32-l512-s1"
+    slug = _launch.gpu_slug(DEVICE)
+    many = {name: {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2} for name in ("fwd", "dq", "dkdv", "dbias")}
+    one = {name: {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2} for name in ("fwd", "dq", "dkdv", "dbias")}
+    try:
+        _launch.set_tuned_override(slug, {"evo_attention": {"d32-l512": many}})
+        T.clear_config_cache()
+        assert T.config(DEVICE, 384, 384, 24, rows=8)["fwd"]["BLOCK_M"] == 32
+        assert T.config(DEVICE, 384, 384, 24, rows=1)["fwd"] == T.default_config(24)["fwd"]
+        _launch.set_tuned_override(slug, {"evo_attention": {"d32-l512": many, "d32-l512-s1": one}})
+        T.clear_config_cache()
+        assert T.config(DEVICE, 384, 384, 24, rows=1)["fwd"]["BLOCK_N"] == 32
+        assert T.config(DEVICE, 384, 384, 24, rows=2)["fwd"]["BLOCK_N"] == 16
+    finally:
+        _launch.set_tuned_override(slug, None)
+        T.clear_config_cache()
+
+
 @pytest.fixture
 def small_tiles():
     """16 x 16 tiles for the d32-l32 bucket (a tuned-table override), so lengths 24..32 span two blocks."""
