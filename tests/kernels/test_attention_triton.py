@@ -48,8 +48,7 @@ def _check(q, k, v, bias, mask, do, *, name, mode="auto", scale=None, bias_grad=
     out_ref = evo_attention_reference(*ref, mask, scale=scale)
     out_ref.backward(do)
     hp = leaves(q, k, v, bias, dtype=F64)
-    out_hp = evo_attention_reference(*hp, mask, scale=scale)
-    out_hp.backward(do.to(F64))
+    out_hp = _fp64_reference(hp, mask, do.to(F64), scale)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert_close_to_reference(out, out_ref, out_hp, name=f"{name} out")
     for label, a, r, h in zip(("dq", "dk", "dv", "dbias"), ker, ref, hp):
@@ -61,6 +60,28 @@ def _check(q, k, v, bias, mask, do, *, name, mode="auto", scale=None, bias_grad=
         else:
             assert_close_to_reference(a.grad, r.grad, h.grad, name=f"{name} {label}")
     return out, ker
+
+
+def _fp64_reference(xs, mask, do, scale, logits_bytes=2**30):
+    """The fp64 reference output, with its gradients accumulated into the leaves ``xs``; over chunks of the S
+    rows (each row is independent; the shared bias sums its gradient over the chunks) so that one chunk's
+    [rows, H, L, L] logits stay under ``logits_bytes``: the canonical extra-MSA shape needs 4 GiB per fp64
+    logits tensor unchunked, and several test workers share one GPU."""
+    q, k, v, bias = xs
+    rows, length, heads = q.shape[-4], q.shape[-3], q.shape[-2]
+    batch = q[..., 0, 0, 0, 0].numel()
+    chunk = max(1, min(rows, logits_bytes // (8 * batch * heads * length * k.shape[-3])))
+    row_bias = bias is not None and bias.dim() >= 4 and bias.shape[-4] == rows and rows > 1
+    row_mask = mask is not None and mask.shape[-2] == rows and rows > 1
+    outs = []
+    for s0 in range(0, rows, chunk):
+        rs = slice(s0, s0 + chunk)
+        o = evo_attention_reference(q[..., rs, :, :, :], k[..., rs, :, :, :], v[..., rs, :, :, :],
+                                    bias[..., rs, :, :, :] if row_bias else bias,
+                                    mask[..., rs, :] if row_mask else mask, scale=scale)
+        o.backward(do[..., rs, :, :, :])
+        outs.append(o.detach())
+    return torch.cat(outs, dim=-4)
 
 
 def _check_exact_zero(grad, q, k, v, do, *, name):
