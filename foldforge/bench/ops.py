@@ -384,13 +384,24 @@ def format_report(rows: list[dict]) -> str:
 
 
 def tune_ops(out: Path, log: Callable[[str], None] = print) -> dict:
-    """Sweep the kernels' launch parameters at the canonical shapes on this GPU and write the table
-    (commit it as ``foldforge/kernels/tuned/<gpu-slug>.json``); it is also used for the rest of the process."""
+    """Sweep the kernels' launch parameters at the canonical shapes on this GPU -- LayerNorm and ln_linear
+    (:func:`foldforge.kernels._tune.tune_all`), then the triangle multiplicative update, outer product mean,
+    transition, gated output and dropout (:func:`foldforge.kernels._ops_tune.sweep_ops`) -- and write the
+    swept ops to ``out`` (merge it into the committed table with ``scripts/merge_tuned.py SLUG OUT``). For the
+    rest of the process the committed table with the swept ops replaced is installed, so ops not swept here
+    (attention: :func:`foldforge.bench.ops_attention.tune_attention`) keep their committed entries."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench ops --tune needs a CUDA GPU")
+    from foldforge.kernels._ops_tune import OPS as SWEPT_OPS, sweep_ops
     from foldforge.kernels._tune import tune_all
+    slug = _launch.gpu_slug(torch.device("cuda"))
+    committed = dict(_launch._table(slug))
     table = tune_all([(s.rows, s.c_in) for s in LAYER_NORM_SHAPES],
                      [(s.rows, s.c_in, s.c_out) for s in LN_LINEAR_SHAPES], log=log)
+    frag = sweep_ops(log=log)
+    table.update({op: frag[op] for op in SWEPT_OPS})
+    table["how"] = f"{table['how']}; {frag['how']}"
+    _launch.set_tuned_override(slug, {**committed, **table})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(table, indent=1) + "\n")
     return table
