@@ -97,10 +97,8 @@ def tune_shape(shape, log=print, device: str = "cuda") -> dict:
     return entry
 
 
-def sweep(shapes: Iterable, out: Path | None = None, log: Callable[[str], None] = print,
-          device: str = "cuda") -> dict:
-    """Tune each bucket at its largest shape (by rows x L^2); returns and (with ``out``) writes
-    ``{"evo_attention": {...}, "gpu", "torch", "date", "how"}``."""
+def largest_per_bucket(shapes: Iterable) -> dict:
+    """``{bucket: shape}``: per tuned-table bucket the shape with the most work (rows x L^2)."""
     from foldforge.kernels import _attention_triton as T
     largest: dict[str, object] = {}
     for s in shapes:
@@ -108,6 +106,15 @@ def sweep(shapes: Iterable, out: Path | None = None, log: Callable[[str], None] 
         work = s.batch * s.rows * s.length ** 2
         if key not in largest or work > largest[key].batch * largest[key].rows * largest[key].length ** 2:
             largest[key] = s
+    return largest
+
+
+def sweep(shapes: Iterable, out: Path | None = None, log: Callable[[str], None] = print,
+          device: str = "cuda") -> dict:
+    """Tune each bucket at its largest shape (by rows x L^2); returns and (with ``out``) writes
+    ``{"evo_attention": {...}, "gpu", "torch", "date", "how"}``."""
+    from foldforge.kernels import _attention_triton as T
+    largest = largest_per_bucket(shapes)
     table = {}
     for key, s in largest.items():
         log(f"attention bucket {key}: tuning at {s.name}")
