@@ -7,7 +7,7 @@ import json, os, sys
 import torch
 from foldforge.bench.ops import _Timer
 from foldforge.bench.shapes import ATTENTION_SHAPES
-from foldforge.kernels import _attention_triton as T, _launch
+from foldforge.kernels import _attention_triton as T, _attention_tune as AT, _launch
 import foldforge.kernels as K
 
 out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "attention": [], "triangle": []}
@@ -16,11 +16,10 @@ slug = _launch.gpu_slug(dev)
 table = _launch._table(slug)
 timer = _Timer(dev, warmup_ms=100)
 for s in ATTENTION_SHAPES:
-    g = torch.Generator().manual_seed(0)
-    dims = (s.batch, s.rows, s.length, s.heads, s.head_dim)
-    q, k, v, do = (torch.randn(*dims, generator=g).to(dev, torch.bfloat16).requires_grad_() for _ in range(4))
-    bias = ((torch.randn(s.batch, 1, s.heads, s.length, s.length, generator=g) * 2).to(dev).requires_grad_()
-            if s.bias else None)
+    q, k, v, bias, do = AT._inputs(s, "cuda")          # the sweep's inputs: bf16 q/k/v/dO, fp32 bias
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if bias is not None:
+        bias.requires_grad_()
     def step():
         K.evo_attention(q, k, v, bias, None, impl="triton").backward(do)
     row = {"shape": s.name}

@@ -208,6 +208,30 @@ def _logits(q, kt, b_ptrs, m_ptrs, row_ok, col_ok, scale, HAS_BIAS: tl.constexpr
     return st
 
 
+@triton.jit
+def _query_block(Q, K, V, Bias, Mask, S, H, LQ, sqb, sqs, sql, sqh, skb, sks, skh, svb, svs, svh,
+                 sbb, sbs, sbh, sbi, smb, sms, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
+    """This program's row (b, s, h) and block of queries (fwd and dq kernels, strides in elements): the
+    index vectors and bounds, the q tile, and scalar pointers to the first key block of k, v, the bias rows
+    of the block and the key mask (advanced by BLOCK_N keys per iteration)."""
+    blk, row = _program(LQ, BLOCK_M)
+    b, s, h = _split_row(row, S, H)
+    m0 = blk * BLOCK_M
+    rr = tl.arange(0, BLOCK_M)
+    rows = m0 + rr
+    cols = tl.arange(0, BLOCK_N)
+    dd = tl.arange(0, BLOCK_D)
+    row_ok = rows < LQ
+    d_ok = dd < D
+    q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+    k_at = K + b * skb + s * sks + h * skh
+    v_at = V + b * svb + s * svs + h * svh
+    b_at = Bias + b * sbb + s * sbs + h * sbh + m0.to(tl.int64) * sbi
+    m_at = Mask + b * smb + s * sms
+    return b, s, h, row, rr, rows, cols, dd, row_ok, d_ok, q, k_at, v_at, b_at, m_at
+
+
 # ---------------------------------------------------------------- forward
 @triton.jit(do_not_specialize=["S", "H", "LQ", "LK"])
 def _fwd_kernel(Q, K, V, Bias, Mask, O, OLo, Lse, S, H, LQ, LK, D: tl.constexpr, scale,
@@ -222,21 +246,9 @@ def _fwd_kernel(Q, K, V, Bias, Mask, O, OLo, Lse, S, H, LQ, LK, D: tl.constexpr,
     skb, sks, skl, skh = _in_elements(skb, sks, skl, skh, VEC)
     svb, svs, svl, svh = _in_elements(svb, svs, svl, svh, VEC)
     sob, sos, sol, soh = _in_elements(sob, sos, sol, soh, VEC)
-    blk, row = _program(LQ, BLOCK_M)
-    b, s, h = _split_row(row, S, H)
-    m0 = blk * BLOCK_M
-    rr = tl.arange(0, BLOCK_M)
-    rows = m0 + rr
-    cols = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = rows < LQ
-    d_ok = dd < D
-    q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
-    # scalar pointers to the first key block, advanced by BLOCK_N keys per iteration
-    k_at = K + b * skb + s * sks + h * skh
-    v_at = V + b * svb + s * svs + h * svh
-    b_at = Bias + b * sbb + s * sbs + h * sbh + m0.to(tl.int64) * sbi
-    m_at = Mask + b * smb + s * sms
+    b, s, h, row, rr, rows, cols, dd, row_ok, d_ok, q, k_at, v_at, b_at, m_at = _query_block(
+        Q, K, V, Bias, Mask, S, H, LQ, sqb, sqs, sql, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, sbi, smb, sms,
+        D, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D)
     m_i = tl.full([BLOCK_M], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -313,24 +325,12 @@ def _dq_kernel(Q, K, V, Bias, Mask, DO, O, OLo, Lse, Delta, DQ, S, H, LQ, LK, D:
     sgb, sgs, sgl, sgh = _in_elements(sgb, sgs, sgl, sgh, VEC)
     sdob, sdos, sdol, sdoh = _in_elements(sdob, sdos, sdol, sdoh, VEC)
     sob, sos, sol, soh = _in_elements(sob, sos, sol, soh, VEC)
-    blk, row = _program(LQ, BLOCK_M)
-    b, s, h = _split_row(row, S, H)
-    m0 = blk * BLOCK_M
-    rr = tl.arange(0, BLOCK_M)
-    rows = m0 + rr
-    cols = tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    row_ok = rows < LQ
-    d_ok = dd < D
-    q = _load2(Q + b * sqb + s * sqs + h * sqh + rows[:, None] * sql + dd[None, :], row_ok, d_ok, EVEN_M, EVEN_D)
+    b, s, h, row, rr, rows, cols, dd, row_ok, d_ok, q, k_first, v_first, b_first, m_first = _query_block(
+        Q, K, V, Bias, Mask, S, H, LQ, sqb, sqs, sql, sqh, skb, sks, skh, svb, svs, svh, sbb, sbs, sbh, sbi, smb, sms,
+        D, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_M, EVEN_D)
     do = _load2(DO + b * sdob + s * sdos + h * sdoh + rows[:, None] * sdol + dd[None, :], row_ok, d_ok,
                 EVEN_M, EVEN_D)
     lse_hi, lse_lo = _load_lse(Lse + row * 2 * LQ + rows, LQ, row_ok, EVEN_M, LSE_LO)
-    # scalar pointers to the first key block (advanced by BLOCK_N keys per iteration)
-    k_first = K + b * skb + s * sks + h * skh
-    v_first = V + b * svb + s * svs + h * svh
-    b_first = Bias + b * sbb + s * sbs + h * sbh + m0.to(tl.int64) * sbi
-    m_first = Mask + b * smb + s * sms
     if DELTA_FROM_O:
         o_off = b * sob + s * sos + h * soh + rows[:, None] * sol + dd[None, :]
         o = _load2(O + o_off, row_ok, d_ok, EVEN_M, EVEN_D).to(tl.float32)

@@ -122,10 +122,16 @@ def _geometry(shape: torch.Size, shared: int) -> tuple[int, int, int, int, bool]
     return m, c, i, j, m * c >= 2**31 - 1
 
 
+def bucket(c: int) -> str:
+    """Tuned-table key: the column tile ``BLOCK_C`` (next power of two of C, 16..256)."""
+    return str(min(256, max(16, _launch.next_pow2(c))))
+
+
 def _config(device: torch.device, c: int) -> dict:
     """Tiles of ~2048 elements (16 values a thread at 4 warps), 4 programs per SM."""
-    bc = min(256, max(16, _launch.next_pow2(c)))
-    cfg = _launch.tuned(device, "dropout", str(bc)) or {}
+    key = bucket(c)
+    bc = int(key)
+    cfg = _launch.tuned(device, "dropout", key) or {}
     return {"BLOCK_R": max(1, 2048 // bc), "num_warps": 4, "programs_per_sm": 4, **cfg, "BLOCK_C": bc}
 
 

@@ -149,8 +149,8 @@ def tune_outer_product_mean(s, log=print) -> tuple[str, dict]:
     from foldforge.bench.ops_pair import _opm_inputs
     from foldforge.kernels import _outer_product_mean_triton as O
     m, mask, *params = _detach(_opm_inputs(s, _BF16, _dev()))
-    cp = max(4, _launch.next_pow2(s.c_hidden))
-    key, base = str(cp), {"opm": O.default_config(s.c_hidden)}
+    key, base = O.bucket(s.c_hidden), {"opm": O.default_config(s.c_hidden)}
+    cp = int(key)
     area = 2 * 128 * 128        # the [BI*C, BJ*C] fp32 accumulator: at most twice the default's at C = 32
 
     def fwd(cfg):
@@ -214,11 +214,6 @@ def tune_gated_output(s, log=print) -> tuple[str, dict]:
     return key, {**cfg, "ms": ms, "at": [s.rows, k, n]}
 
 
-def dropout_bucket(c: int) -> str:
-    """The dropout kernel's table key: its column tile (as :func:`_dropout_triton._config` computes it)."""
-    return str(min(256, max(16, _launch.next_pow2(c))))
-
-
 @contextlib.contextmanager
 def _installed(op: str, key: str, entry: dict):
     """This GPU's table with ``entry`` at ``op``/``key`` for the duration (for ops that read their launch
@@ -243,8 +238,8 @@ def tune_dropout(s, log=print) -> tuple[str, dict]:
     shared = _shared_code(u.dim(), s.shared_dim)
     seed = torch.tensor([20261122], dtype=torch.int64, device=_dev())
     dy = torch.randn(u.shape, generator=torch.Generator().manual_seed(1)).to(_dev(), u.dtype)
-    bc = int(dropout_bucket(u.shape[-1]))
-    key = str(bc)
+    key = D.bucket(u.shape[-1])
+    bc = int(key)
     with _installed("dropout", key, {}):          # an empty entry: the kernel's own defaults
         default = D._config(_dev(), u.shape[-1])
     base = {"dropout": {p: default[p] for p in ("BLOCK_R", "num_warps", "programs_per_sm")}}
@@ -264,14 +259,16 @@ def bucket_of(op: str, s) -> str:
         from foldforge.kernels._triangle_mult_triton import bucket
         return bucket(s.c_z, s.c_hidden)
     if op == "outer_product_mean":
-        return str(max(4, _launch.next_pow2(s.c_hidden)))
+        from foldforge.kernels._outer_product_mean_triton import bucket
+        return bucket(s.c_hidden)
     if op == "transition":
         from foldforge.kernels._transition_triton import bucket
         return bucket(s.c, s.n * s.c, s.activation == "swiglu")
     if op == "gated_output":
         from foldforge.kernels._gated_output_triton import bucket
         return bucket(s.c_in, s.c_out)
-    return dropout_bucket(s.dims[-1])
+    from foldforge.kernels._dropout_triton import bucket
+    return bucket(s.dims[-1])
 
 
 def elements(op: str, s) -> int:

@@ -217,8 +217,13 @@ def fwd_grid(nb: int, length: int, cfg: dict) -> tuple[int, int]:
     return _launch.check_grid((triton.cdiv(length, cfg["BI"]) * triton.cdiv(length, cfg["BJ"]), nb))
 
 
+def bucket(c: int) -> str:
+    """Tuned-table key: the next power of two of the hidden width c (at least 4)."""
+    return str(max(4, _launch.next_pow2(c)))
+
+
 def config(device: torch.device, c: int) -> dict:
-    return _launch.tuned(device, "outer_product_mean", str(max(4, _launch.next_pow2(c)))) or default_config(c)
+    return _launch.tuned(device, "outer_product_mean", bucket(c)) or default_config(c)
 
 
 def _bmm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:

@@ -130,7 +130,7 @@ def _default(op, s):
         return _transition_triton.default_config(s.c, s.n * s.c, s.activation == "swiglu")
     if op == "gated_output":
         return _gated_output_triton.default_config(s.c_in, s.c_out)
-    return {"BLOCK_R": 2048 // int(_ops_tune.dropout_bucket(s.dims[-1])), "num_warps": 4, "programs_per_sm": 4}
+    return {"BLOCK_R": 2048 // int(_dropout_triton.bucket(s.dims[-1])), "num_warps": 4, "programs_per_sm": 4}
 
 
 def _run(op, s):
